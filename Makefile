@@ -1,0 +1,27 @@
+# make demo: train on the built-in data (no download) and print the metrics table.
+# make test: the whole test suite.
+# Both create .venv when missing: torch first (a CPU build, so nothing pulls a CUDA one), then the package.
+PYTHON ?= python3.11
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/twotower: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(BIN)/twotower
+
+install: $(BIN)/twotower
+
+demo: install
+	$(BIN)/twotower fit run.name=demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs data wandb

@@ -1,0 +1,340 @@
+"""Typed configuration for every twotower command.
+
+Each dataclass is an OmegaConf structured config: the string under a field is its documentation,
+`__post_init__` validates it once (at load time, before any work starts), and an unknown key is
+rejected by OmegaConf's struct mode (see `configs.loader`, which adds the closest valid spelling).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+ITEM_MODES = ("id", "text", "id+text")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
+@dataclass
+class ColumnsConfig:
+    """How the columns of a generic interactions file are named."""
+
+    user_id: str = "user_id"
+    "Column holding the user id."
+    item_id: str = "item_id"
+    "Column holding the item id (the same ids as the items file)."
+    timestamp: str = "timestamp"
+    "Column holding the event time (number or ISO date); orders each user's sequence."
+    rating: Optional[str] = "rating"
+    "Optional explicit rating column; used when present, ignored when absent."
+    event: Optional[str] = "event"
+    "Optional action-type column (click, buy, ...); used when present, ignored when absent."
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in data: users with drifting latent interests over topic-labelled items."""
+
+    num_users: int = 3000
+    "Number of users generated."
+    num_items: int = 1000
+    "Number of items in the catalogue."
+    num_topics: int = 16
+    "Latent topics; each item has one main topic, and its text is drawn from that topic's words."
+    interests_per_user: int = 2
+    "Topics a user is interested in at any one time."
+    drift: float = 0.05
+    "Per-event probability that one of the user's interests is replaced by another topic."
+    mean_events: float = 30.0
+    "Mean interactions per user (geometric-like, at least `min_events`)."
+    min_events: int = 5
+    "Fewest interactions a user gets."
+    zipf_exponent: float = 1.0
+    "Exponent of the Zipf popularity of items within a topic."
+    late_item_fraction: float = 0.1
+    "Share of items that exist only in the last part of the timeline (new items, cold at first)."
+    seed: int = 0
+    "Seed of the generator: the same seed gives the same data."
+
+    def __post_init__(self) -> None:
+        for key in ("num_users", "num_items", "num_topics", "interests_per_user", "min_events"):
+            _check_positive(f"data.synthetic.{key}", getattr(self, key))
+        if not 0.0 <= self.late_item_fraction < 1.0:
+            raise ValueError(f"data.synthetic.late_item_fraction={self.late_item_fraction}: expected 0 <= x < 1")
+        if not 0.0 <= self.drift <= 1.0:
+            raise ValueError(f"data.synthetic.drift={self.drift}: expected 0 <= x <= 1")
+        if self.interests_per_user > self.num_topics:
+            raise ValueError("data.synthetic.interests_per_user must not exceed data.synthetic.num_topics")
+
+
+@dataclass
+class DataConfig:
+    """Where interactions come from, how they become shards, and how shards are read."""
+
+    name: str = "synthetic"
+    "Name of the data set; the prepared shards go to `data.dir`."
+    source: str = "synthetic"
+    "synthetic (built in, no download) | table (CSV/Parquet/JSONL files) | movielens (native ML-100K/1M folder)."
+    path: Optional[str] = None
+    "movielens: the folder with u.data/u.item or ratings.dat/movies.dat."
+    interactions: Optional[str] = None
+    "table: the interactions file (.csv, .parquet, .jsonl)."
+    items: Optional[str] = None
+    "table: the items file (.csv, .parquet, .jsonl) with `item_id` and text fields."
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    "table: column names of the interactions file."
+    item_id_column: str = "item_id"
+    "table: the id column of the items file."
+    text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
+    "Item fields joined, in this order and each with its name, into the text the item tower reads."
+    on_bad_row: str = "raise"
+    "raise: stop at the first bad row, naming file, row and problem | skip: drop it and count it in the manifest."
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    "The built-in generator's settings (source=synthetic)."
+    dir: str = "data/${data.name}"
+    "Folder of the prepared shards and manifest.json."
+    max_text_len: int = 32
+    "Item text is tokenised and truncated to this many tokens at prepare time."
+    shard_max_count: int = 10000
+    "Most samples per tar shard."
+    max_len: int = 50
+    "Most recent items of a user's history fed to the user tower (training crops to the last max_len+1)."
+    batch_size: int = 256
+    "Training sequences per batch (per device)."
+    eval_batch_size: int = 256
+    "Users per evaluation batch."
+    shuffle_buffer: int = 1000
+    "WebDataset shuffle buffer (samples); small values keep tests fast."
+    num_workers: int = 0
+    "DataLoader workers for training shards."
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("synthetic", "table", "movielens"))
+        _check_choice("data.on_bad_row", self.on_bad_row, ("raise", "skip"))
+        if self.source == "table" and not (self.interactions and self.items):
+            raise ValueError("data.source=table needs data.interactions and data.items (file paths)")
+        if self.source == "movielens" and not self.path:
+            raise ValueError("data.source=movielens needs data.path (the MovieLens folder)")
+        if not self.text_fields:
+            raise ValueError("data.text_fields: expected at least one field name")
+        for key in ("max_text_len", "shard_max_count", "max_len", "batch_size", "eval_batch_size", "shuffle_buffer"):
+            _check_positive(f"data.{key}", getattr(self, key))
+        _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class SplitConfig:
+    """The evaluation protocol of SPEC.md: leave-one-out by time, optional cold items."""
+
+    min_interactions: int = 3
+    "Users with fewer interactions are dropped."
+    cold_item_fraction: float = 0.0
+    "Share of items held out of training entirely; the `cold` split ranks them for users who touched one."
+    seed: int = 0
+    "Seed of the cold-item draw."
+
+    def __post_init__(self) -> None:
+        if self.min_interactions < 3:
+            raise ValueError("split.min_interactions: expected >= 3 (train, valid and test each need one event)")
+        if not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ValueError(f"split.cold_item_fraction={self.cold_item_fraction}: expected 0 <= x < 1")
+
+
+@dataclass
+class ItemTowerConfig:
+    """f(item): a BERT-family encoder over item text, pooled and projected (plus an optional ID embedding)."""
+
+    encoder: str = "minilm"
+    "minilm (the packaged all-MiniLM-L6-v2, offline) | a Hugging Face hub name | a local folder."
+    pooling: str = "mean"
+    "cls | mean (mask-aware mean over tokens)."
+    train_layers: int = 1
+    "-1: the whole encoder trains; 0: frozen; N: only the top N transformer layers train."
+    lr_scale: float = 0.1
+    "The encoder's learning rate is trainer.lr times this."
+    cache_frozen: bool = True
+    "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout)."
+
+    def __post_init__(self) -> None:
+        _check_choice("model.item.pooling", self.pooling, ("cls", "mean"))
+        if self.train_layers < -1:
+            raise ValueError("model.item.train_layers: expected -1 (all), 0 (none) or N > 0 (top N)")
+        _check_positive("model.item.lr_scale", self.lr_scale, allow_zero=True)
+
+
+@dataclass
+class UserTowerConfig:
+    """g(history): a causal transformer over the item vectors of the history, with learned positions."""
+
+    layers: int = 2
+    "Transformer blocks."
+    heads: int = 2
+    "Attention heads per block."
+    dropout: float = 0.2
+    "Dropout on inputs, attention and MLP."
+    max_len: int = "${data.max_len}"  # type: ignore[assignment]
+    "Positions the tower can see (the data's max_len)."
+
+    def __post_init__(self) -> None:
+        _check_positive("model.user.layers", self.layers)
+        _check_positive("model.user.heads", self.heads)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.user.dropout={self.dropout}: expected 0 <= x < 1")
+
+
+@dataclass
+class LossConfig:
+    """Softmax cross-entropy of the next item against a candidate set."""
+
+    candidates: str = "auto"
+    "full: the whole catalogue (id mode) | sampled: the batch's items + uniform negatives | auto: full in id mode when the catalogue has at most full_max_items, else sampled."
+    full_max_items: int = 200000
+    "auto picks the full softmax only up to this catalogue size."
+    num_negatives: int = 256
+    "Uniformly sampled extra negatives per step (sampled candidates)."
+    logq: bool = True
+    "Subtract log of each candidate's inclusion probability (sampled candidates)."
+    temperature: float = 1.0
+    "Logits are scores divided by this."
+
+    def __post_init__(self) -> None:
+        _check_choice("model.loss.candidates", self.candidates, ("auto", "full", "sampled"))
+        _check_positive("model.loss.temperature", self.temperature)
+        _check_positive("model.loss.num_negatives", self.num_negatives, allow_zero=True)
+
+
+@dataclass
+class ModelConfig:
+    """The two towers and the objective."""
+
+    mode: str = "text"
+    "id: learned item embeddings only (SASRec-style) | text: item tower on text | id+text: both, summed."
+    dim: int = 64
+    "Size of the shared item/user vector space."
+    item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
+    "Item tower."
+    user: UserTowerConfig = field(default_factory=UserTowerConfig)
+    "User tower."
+    loss: LossConfig = field(default_factory=LossConfig)
+    "Objective."
+
+    def __post_init__(self) -> None:
+        _check_choice("model.mode", self.mode, ITEM_MODES)
+        _check_positive("model.dim", self.dim)
+        if self.dim % self.user.heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.user.heads={self.user.heads}")
+        if self.mode == "text" and self.loss.candidates == "full":
+            raise ValueError("model.loss.candidates=full needs model.mode=id (text mode encodes items per batch)")
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer and optimiser."""
+
+    max_epochs: int = 10
+    "Epochs (one epoch = every training user once, per rank)."
+    max_steps: int = -1
+    "Stop after this many optimiser steps (-1: no limit)."
+    lr: float = 1e-3
+    "AdamW learning rate of the towers (the encoder uses model.item.lr_scale times this)."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    warmup_steps: int = 50
+    "Linear warm-up steps, then constant."
+    gradient_clip_val: float = 1.0
+    "Clip the gradient norm to this (0: off)."
+    accumulate_grad_batches: int = 1
+    "Batches per optimiser step."
+    accelerator: str = "cpu"
+    "cpu | gpu | auto."
+    devices: int = 1
+    "Devices (processes) per node."
+    precision: str = "32-true"
+    "Lightning precision: 32-true | bf16-mixed."
+    patience: int = 0
+    "Stop when val/ndcg@10 has not improved for this many validations (0: off)."
+    limit_val_users: int = 0
+    "Validate on at most this many users (0: all); test always uses all."
+    log_every_n_steps: int = 10
+    "Log training metrics every N steps."
+    num_threads: int = 0
+    "torch threads (0: leave torch's default)."
+
+    def __post_init__(self) -> None:
+        _check_positive("trainer.max_epochs", self.max_epochs)
+        _check_positive("trainer.lr", self.lr)
+        _check_positive("trainer.devices", self.devices)
+        _check_choice("trainer.accelerator", self.accelerator, ("cpu", "gpu", "auto"))
+        _check_choice("trainer.precision", self.precision, ("32-true", "bf16-mixed"))
+        _check_positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
+
+
+@dataclass
+class EvalConfig:
+    """Full-catalogue ranking (SPEC.md)."""
+
+    filter_seen: bool = True
+    "Exclude the user's input history from the ranking (the target never is)."
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    "Cut-offs of HR, NDCG and MRR."
+    item_batch_size: int = 512
+    "Items per batch when the catalogue is encoded."
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ValueError(f"eval.ks={list(self.ks)}: expected positive cut-offs")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases; the CSV log is always written as well."""
+
+    mode: str = "disabled"
+    "online | offline (synced later with `wandb sync`) | disabled."
+    project: str = "twotower"
+    "W&B project."
+    entity: Optional[str] = None
+    "W&B entity (team or user); None: your default."
+    group: Optional[str] = None
+    "Run group (e.g. a sweep)."
+    tags: list[str] = field(default_factory=list)
+    "Run tags."
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    "Weights & Biases settings."
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    "Run name (also the W&B run name)."
+    dir: str = "runs/${run.name}"
+    "Run folder: config.yaml, checkpoints/, metrics.csv, summary.json, plots."
+
+
+@dataclass
+class Config:
+    """Everything one twotower command needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    "Seed of model initialisation, sampling and shuffling."

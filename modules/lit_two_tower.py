@@ -1,0 +1,138 @@
+"""The LightningModule that trains a `TwoTower`: next-item softmax over sampled or full-catalogue
+candidates, full-ranking validation and test, AdamW with a lower encoder LR and warm-up."""
+from __future__ import annotations
+
+import resource
+import time
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from configs.schema import Config
+from modules.losses import expected_draws_log, softmax_loss
+from modules.metrics import metric_sums
+from modules.two_tower import TwoTower
+
+
+def uses_full_softmax(cfg: Config, num_items: int) -> bool:
+    loss = cfg.model.loss
+    return loss.candidates == "full" or (loss.candidates == "auto" and cfg.model.mode == "id" and num_items <= loss.full_max_items)
+
+
+class TwoTowerModule(pl.LightningModule):
+    def __init__(self, cfg: Config, num_items: int, train_counts: torch.Tensor, cold: torch.Tensor):
+        super().__init__()
+        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "num_items": num_items})
+        self.cfg = cfg
+        self.model = TwoTower(cfg.model, num_items)
+        self.full_softmax = uses_full_softmax(cfg, num_items)
+        # Sampler statistics: popularity of each item, and the items negatives may be drawn from.
+        self.register_buffer("item_prob", (train_counts.double() + 1) / (train_counts.sum() + num_items), persistent=False)
+        self.register_buffer("eligible", torch.nonzero(~cold).squeeze(1), persistent=False)
+        self.test_split = "test"
+        "Which split `trainer.test` ranks (test or cold); also its metrics' prefix."
+        self._step_started = None
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        positions = targets >= 0
+        loss_cfg = self.cfg.model.loss
+        if self.full_softmax:
+            table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
+            states = self.model.user_states(inputs, table)
+            loss = softmax_loss(states[positions], table, targets[positions], loss_cfg.temperature)
+        else:
+            loss = self._sampled_loss(inputs, targets, positions)
+        self.log("train/loss", loss, prog_bar=True, batch_size=inputs.shape[0])
+        return loss
+
+    def _sampled_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each distinct item of the batch (and of the sampled negatives) is encoded once; the
+        user tower reads those vectors back by index, and the softmax runs over all of them."""
+        loss_cfg = self.cfg.model.loss
+        in_batch = torch.cat([inputs[inputs >= 0], targets[positions]])
+        negatives = self.eligible[torch.randint(len(self.eligible), (loss_cfg.num_negatives,), device=self.device)]
+        distinct = torch.unique(torch.cat([in_batch, negatives]))
+        vectors = self.model.item_tower(distinct)
+        states = self.model.user_tower(vectors[torch.searchsorted(distinct, inputs.clamp_min(0))], inputs >= 0)
+        labels = torch.searchsorted(distinct, targets[positions])
+        log_q = None
+        if loss_cfg.logq:
+            log_q = expected_draws_log(self.item_prob[distinct], len(in_batch), loss_cfg.num_negatives, len(self.eligible))
+        return softmax_loss(states[positions], vectors, labels, loss_cfg.temperature, log_q.to(vectors.dtype) if log_q is not None else None)
+
+    def on_fit_start(self) -> None:
+        self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.log_dict({"train/samples_per_s": batch[0].shape[0] / elapsed, "train/peak_rss_mb": rss_mb}, batch_size=batch[0].shape[0])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+
+    def configure_optimizers(self):
+        encoder = self.model.item_tower.encoder
+        encoder_params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+        encoder_ids = {id(p) for p in encoder_params}
+        other = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        lr = self.cfg.trainer.lr
+        groups = [{"params": other, "lr": lr}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": lr * self.cfg.model.item.lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay)
+        warmup = max(1, self.cfg.trainer.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _start_ranking(self) -> None:
+        self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
+        self._table = self.model.catalogue_vectors(self.cfg.eval.item_batch_size)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._users = 0
+
+    def _rank_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        history, target = batch
+        users = self.model.user_vectors(history[:, -self.cfg.data.max_len:], self._table)
+        scores = self.model.scores(users, self._table)
+        for name, total in metric_sums(scores, history, target, self.cfg.eval.ks, self.cfg.eval.filter_seen).items():
+            self._sums[name] = self._sums.get(name, 0.0) + total
+        self._users += len(target)
+
+    def _log_ranking(self, prefix: str) -> None:
+        """Sums and user counts are reduced over ranks, so the means weight every user equally."""
+        names = sorted(self._sums)
+        totals = torch.stack([torch.as_tensor(self._sums[n], dtype=torch.float64, device=self.device) for n in names]
+                             + [torch.tensor(float(self._users), dtype=torch.float64, device=self.device)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        count = max(totals[-1].item(), 1.0)
+        self.log_dict({f"{prefix}/{n}": totals[i].item() / count for i, n in enumerate(names)}, rank_zero_only=True)
+        del self._table
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_ranking()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._rank_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ranking("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_ranking()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._rank_batch(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ranking(self.test_split)

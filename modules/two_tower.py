@@ -1,0 +1,38 @@
+"""The two-tower recommender as a plain `nn.Module`: item tower, user tower, inner-product head.
+No training loop here (that is `modules.lit_two_tower`), so export and serving need neither
+Lightning nor DeepSpeed."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from configs.schema import ModelConfig
+from modules.item_tower import ItemTower
+from modules.user_tower import UserTower
+
+
+class TwoTower(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_items: int):
+        super().__init__()
+        self.cfg, self.num_items = cfg, num_items
+        self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim)
+        self.user_tower = UserTower(cfg.user, cfg.dim)
+
+    @torch.no_grad()
+    def catalogue_vectors(self, batch_size: int) -> torch.Tensor:
+        """[N, d] vectors of every catalogue item, encoded `batch_size` items at a time."""
+        device = self.user_tower.positions.weight.device
+        items = torch.arange(self.num_items, device=device)
+        return torch.cat([self.item_tower(chunk) for chunk in items.split(batch_size)])
+
+    def user_states(self, history: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """history [B, L] item indices left-padded with -1, item_vectors [N, d] -> states [B, L, d]."""
+        valid = history >= 0
+        return self.user_tower(item_vectors[history.clamp_min(0)], valid)
+
+    def user_vectors(self, history: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """[B, d]: the state after the newest item of each history."""
+        return self.user_states(history, item_vectors)[:, -1]
+
+    def scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return users @ items.T / self.cfg.loss.temperature

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random BERT (with the packaged MiniLM's tokenizer) for fast tests,
+and small configs that run end to end in seconds on a 2-core CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT saved as a local folder, with MiniLM's real tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from modules.item_tower import resolve_encoder
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert, tmp_path) -> list[str]:
+    """key=value overrides for a seconds-long end-to-end run on small synthetic data."""
+    return [
+        f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1", "model.dim=32",
+        "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.synthetic.mean_events=15",
+        "data.max_text_len=16", "data.max_len=20", "data.batch_size=64", "data.shuffle_buffer=50",
+        "trainer.max_epochs=2", "trainer.warmup_steps=2", "model.loss.num_negatives=32",
+        f"data.dir={tmp_path / 'data'}", f"run.dir={tmp_path / 'run'}",
+    ]

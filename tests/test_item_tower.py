@@ -1,0 +1,92 @@
+"""The item tower: a real BERT, pooled and projected; dynamic padding changes nothing; layer
+freezing does what train_layers says; the packaged MiniLM loads offline and embeds like the
+reference sentence-transformers pipeline."""
+import numpy as np
+import pytest
+import torch
+
+from configs.schema import ItemTowerConfig
+from datamodules.item_text import item_texts, load_tokenizer, tokenize
+from modules.item_tower import ItemTower, resolve_encoder
+
+
+def catalogue(tokenizer, texts, max_len=16):
+    ids = tokenize(tokenizer, texts, max_len)
+    lengths = torch.tensor([len(t) for t in ids])
+    tokens = torch.zeros(len(ids), max_len, dtype=torch.long)
+    for i, t in enumerate(ids):
+        tokens[i, : len(t)] = torch.from_numpy(t.astype(np.int64))
+    return tokens, lengths
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_dynamic_padding_gives_the_same_vectors_as_full_padding(tiny_bert, pooling):
+    tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, pooling=pooling, train_layers=-1), "id+text", 3, 8).eval()
+    tokens, lengths = catalogue(load_tokenizer(tiny_bert), ["a short one", "a rather longer title about sailing boats", "x"])
+    tower.set_catalogue(tokens, lengths)
+    items = torch.tensor([0, 2])  # both short: forward trims the padding to their longest text
+    mask = (torch.arange(tokens.shape[1]) < lengths[items, None]).long()
+    full = tower.encode_text(tokens[items], mask) + tower.id_embedding(items)
+    torch.testing.assert_close(tower(items), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train_layers,expected", [(-1, "all"), (0, "none"), (1, "top")])
+def test_train_layers_freezes_the_rest(tiny_bert, train_layers, expected):
+    tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=train_layers), "text", 3, 8)
+    trainable = {n for n, p in tower.encoder.named_parameters() if p.requires_grad}
+    if expected == "all":
+        assert trainable == {n for n, _ in tower.encoder.named_parameters()}
+    elif expected == "none":
+        assert not trainable
+    else:
+        assert trainable and all(n.startswith("encoder.layer.1.") for n in trainable)
+    assert all(p.requires_grad for p in tower.projection.parameters())
+
+
+def test_id_mode_has_no_encoder():
+    tower = ItemTower(ItemTowerConfig(), "id", 5, 8)
+    assert tower.encoder is None and tower(torch.tensor([0, 4])).shape == (2, 8)
+
+
+def test_packaged_minilm_mean_pooling_matches_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_encoder("minilm")
+    tower = ItemTower(ItemTowerConfig(encoder="minilm", pooling="mean"), "text", 2, 8).eval()
+    tokenizer = load_tokenizer("minilm")
+    texts = ["title: Toy Story (1995); text: Animation|Children's|Comedy", "title: Heat (1995)"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = tower.encoder(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    reference = SentenceTransformer(path, device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    assert tower.encoder.config.num_hidden_layers == 6 and tower.encoder.config.hidden_size == 384
+
+
+def test_item_text_names_each_field_and_skips_empty_ones():
+    import pandas as pd
+
+    items = pd.DataFrame({"title": ["Heat", "Up"], "genres": ["Crime", None]})
+    assert item_texts(items, ["title", "genres"]) == ["title: Heat; genres: Crime", "title: Up"]
+
+
+@pytest.mark.parametrize("train_layers", [0, 1])
+def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(tiny_bert, train_layers):
+    cfg = dict(encoder=tiny_bert, train_layers=train_layers)
+    tokens, lengths = catalogue(load_tokenizer(tiny_bert), ["sailing boats", "a guide to jazz piano chords", "x y z"])
+    torch.manual_seed(0)
+    cached = ItemTower(ItemTowerConfig(**cfg, cache_frozen=True), "text", 3, 8).eval()
+    plain = ItemTower(ItemTowerConfig(**cfg, cache_frozen=False), "text", 3, 8).eval()
+    plain.load_state_dict(cached.state_dict())
+    for tower in (cached, plain):
+        tower.set_catalogue(tokens, lengths)
+    cached.build_frozen_cache()
+    assert cached.frozen_cache is not None and plain.frozen_cache is None
+    items = torch.tensor([2, 0, 1])
+    out = cached(items)
+    torch.testing.assert_close(out, plain(items), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    top = [p for n, p in cached.encoder.named_parameters() if n.startswith("encoder.layer.1.")]
+    assert all((p.grad is not None) == (train_layers == 1) for p in top)

@@ -1,0 +1,50 @@
+"""Evaluation outside the training loop: restoring a checkpoint, and the popularity baseline
+ranked with exactly the same protocol and code as the model."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from configs import Config, from_container
+from datamodules.datamodule import ShardDataModule
+from modules.lit_two_tower import TwoTowerModule
+from modules.metrics import metric_sums
+from trainers.run_folder import metrics_table
+
+
+def load_module(checkpoint: str, data: ShardDataModule) -> TwoTowerModule:
+    """A trained module from a Lightning checkpoint, wired to the catalogue of `data`."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = from_container(state["hyper_parameters"]["config"])
+    if state["hyper_parameters"]["num_items"] != data.num_items:
+        raise ValueError(f"{checkpoint}: trained on {state['hyper_parameters']['num_items']} items, {data.folder} has {data.num_items}")
+    module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
+    module.load_state_dict(state["state_dict"])
+    module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
+    return module.eval()
+
+
+def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
+    """Every user gets the same ranking: items by training popularity (seen items filtered)."""
+    cfg = data.cfg
+    scores = data.catalogue.train_counts.double()[None, :]
+    sums: dict[str, torch.Tensor] = {}
+    users = 0
+    for history, target in data.eval_dataloader(split):
+        batch = metric_sums(scores.expand(len(target), -1), history, target, cfg.eval.ks, cfg.eval.filter_seen)
+        sums = {k: sums.get(k, 0.0) + v for k, v in batch.items()}
+        users += len(target)
+    return {f"{split}/{k}": float(v) / max(users, 1) for k, v in sums.items()}
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, float]:
+    """Rank `split` with a checkpoint and print model and popularity metrics side by side."""
+    data = ShardDataModule(cfg)
+    module = load_module(checkpoint, data)
+    module.test_split = split
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.test(module, dataloaders=data.eval_dataloader(split), verbose=False)[0]
+    baseline = popularity_metrics(data, split)
+    strip = lambda m: {k.split("/", 1)[1]: v for k, v in m.items()}  # noqa: E731
+    print(metrics_table({f"model ({split})": strip(metrics), f"popularity ({split})": strip(baseline)}, cfg.eval.ks))
+    return metrics
