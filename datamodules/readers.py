@@ -168,7 +168,8 @@ def check_consistency(
 def _interactions(raw: pd.DataFrame, columns: ColumnsConfig, rows: _BadRows) -> pd.DataFrame:
     rows.require_rows(raw, "empty file (no rows)")
     user, item, time = columns.user_id, columns.item_id, columns.timestamp
-    rows.require_columns(raw, [(getattr(columns, key), f"data.columns.{key}") for key in ("user_id", "item_id", "timestamp")])
+    required = {"user_id": user, "item_id": item, "timestamp": time}
+    rows.require_columns(raw, [(name, f"data.columns.{key}") for key, name in required.items()])
     out = pd.DataFrame({"user_id": _text(raw[user]), "item_id": _text(raw[item]), "timestamp": _to_epoch(raw[time])})
     if columns.rating and columns.rating in raw.columns:
         out["rating"] = _to_number(raw[columns.rating])
@@ -196,16 +197,17 @@ def _interactions(raw: pd.DataFrame, columns: ColumnsConfig, rows: _BadRows) -> 
 
 def _items(raw: pd.DataFrame, id_column: str, text_fields: list[str], rows: _BadRows) -> pd.DataFrame:
     rows.require_rows(raw, "empty catalogue (no items)")
-    rows.require_columns(raw, [(id_column, "data.item_id_column")] + [(field, "data.text_fields") for field in text_fields])
+    rows.require_columns(raw, [(id_column, "data.item_id_column"), *((field, "data.text_fields") for field in text_fields)])
     out = pd.DataFrame({"item_id": _text(raw[id_column]), **{field: _text(raw[field]) for field in text_fields}})
-    out = rows.drop(out, out["item_id"].str.strip() == "", "empty_item_id", lambda row: f"column '{id_column}': empty item id")
+    empty = out["item_id"].str.strip() == ""
+    out = rows.drop(out, empty, "empty_item_id", lambda row: f"column '{id_column}': empty item id")
     ids = out["item_id"]
-    out = rows.drop(
-        out,
-        ids.duplicated(),
-        "duplicate_item_id",
-        lambda row: f"duplicate item id {_show(row['item_id'])} (first on {rows.unit} {ids.index[ids == row['item_id']][0]})",
-    )
+
+    def duplicate(row: pd.Series) -> str:
+        first = ids.index[ids == row["item_id"]][0]
+        return f"duplicate item id {_show(row['item_id'])} (first on {rows.unit} {first})"
+
+    out = rows.drop(out, ids.duplicated(), "duplicate_item_id", duplicate)
     rows.require_rows(out, "empty catalogue (no items)")
     return _with_line(out)
 
@@ -235,30 +237,29 @@ def _read_table(rows: _BadRows) -> pd.DataFrame:
 def _decode(data: bytes, rows: _BadRows) -> str:
     """`data` as UTF-8 text (a leading BOM dropped). A line with invalid bytes raises, or (skip) is
     blanked, so that the lines after it keep their numbers."""
-    parts, start, line = [], 0, 1
-    while True:
-        try:
-            parts.append(data[start:].decode("utf-8"))
-            break
-        except UnicodeDecodeError as err:
-            bad = start + err.start
-            line += data.count(b"\n", start, bad)
-            begin = data.rfind(b"\n", 0, bad) + 1
-            end = data.find(b"\n", bad)
-            rows.one(
-                line,
-                "non_utf8",
-                f"not valid UTF-8: byte 0x{data[bad]:02x} at byte offset {bad} of the file "
-                f"(byte {bad - begin + 1} of the line)",
-            )
-            parts.append(data[start:begin].decode("utf-8"))
-            if end < 0:
-                break
-            start = end
-    return "".join(parts).removeprefix("\ufeff")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        lines, offset = data.split(b"\n"), 0
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                rows.one(
+                    number,
+                    "non_utf8",
+                    f"not valid UTF-8: byte 0x{line[err.start]:02x} at byte offset {offset + err.start} "
+                    f"of the file (byte {err.start + 1} of the line)",
+                )
+                lines[number - 1] = b""
+            offset += len(line) + 1
+        text = b"\n".join(lines).decode("utf-8")
+    return text.removeprefix("\ufeff")
 
 
-def _read_delimited(text: str, rows: _BadRows, sep: str, names: list[str] | None = None, quote: bool = True) -> pd.DataFrame:
+def _read_delimited(
+    text: str, rows: _BadRows, sep: str, names: list[str] | None = None, quote: bool = True
+) -> pd.DataFrame:
     """Delimited text as string columns indexed by line number; blank lines are dropped. Without
     `names`, the first line is the header."""
     if not text.strip():
@@ -266,8 +267,11 @@ def _read_delimited(text: str, rows: _BadRows, sep: str, names: list[str] | None
     first = 1
     if names is None:
         header = re.match(r"[^\r\n]*", text).group()
+        if not header.strip():
+            raise rows.error("empty header (expected the column names on the first line)", 1)
         try:
-            names = next(csv.reader([header], delimiter=sep, quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE), [])
+            quoting = csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE
+            names = next(csv.reader([header], delimiter=sep, quoting=quoting), [])
         except csv.Error as err:
             raise rows.error(f"cannot read the header ({err})", 1) from None
         duplicated = sorted({name for name in names if names.count(name) > 1})
@@ -280,9 +284,11 @@ def _read_delimited(text: str, rows: _BadRows, sep: str, names: list[str] | None
         bad_rows.append(row)
         return "skip"
 
+    if not text.endswith(("\n", "\r")):
+        text += "\n"  # pyarrow cannot find the end of a header that ends the file
     try:
         table = pacsv.read_csv(
-            pa.py_buffer((text if text.endswith(("\n", "\r")) else text + "\n").encode()),  # pyarrow needs the header's end
+            pa.py_buffer(text.encode()),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=first - 1, use_threads=False),
             parse_options=pacsv.ParseOptions(
                 delimiter=sep,
@@ -291,7 +297,9 @@ def _read_delimited(text: str, rows: _BadRows, sep: str, names: list[str] | None
                 ignore_empty_lines=False,
                 invalid_row_handler=keep_bad,
             ),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False
+            ),
         )
     except pa.ArrowException as err:
         raise rows.error(f"cannot parse the file ({err})") from None
@@ -310,7 +318,8 @@ def _read_delimited(text: str, rows: _BadRows, sep: str, names: list[str] | None
         lines += np.cumsum(breaks) - breaks
 
     for row in bad_rows:
-        rows.one(int(lines[row.number - first]), "unparsable_row", f"expected {row.expected_columns} fields, found {row.actual_columns}")
+        problem = f"expected {row.expected_columns} fields, found {row.actual_columns}"
+        rows.one(int(lines[row.number - first]), "unparsable_row", problem)
     frame.index = lines[~bad]
     return frame[frame.ne("").any(axis=1)]
 
@@ -346,7 +355,12 @@ def _genre_names(path: Path) -> list[str]:
 
 
 def _text(values: pd.Series) -> pd.Series:
-    """Values as strings; missing values become ""."""
+    """Values as strings; missing values become "". A float column of whole numbers (ints with a
+    missing value, as pandas writes them) reads as ints: 1.0 -> "1"."""
+    if pd.api.types.is_float_dtype(values):
+        whole = values.dropna()
+        if ((whole % 1 == 0) & (whole.abs() < 2**53)).all():
+            values = values.astype("Int64")
     return values.astype(str).where(values.notna(), "")
 
 

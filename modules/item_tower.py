@@ -46,7 +46,7 @@ class ItemTower(nn.Module):
             nn.init.normal_(self.id_embedding.weight, std=dim ** -0.5)
         self.encoder = self.projection = None
         if "text" in mode:
-            self.encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder))
+            self.encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder)).train()  # loads in eval mode
             if getattr(self.encoder, "pooler", None) is not None:
                 self.encoder.pooler = None  # unused: we pool ourselves (and DDP dislikes unused params)
             _freeze_all_but_top(self.encoder, cfg.train_layers)

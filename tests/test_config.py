@@ -1,0 +1,72 @@
+"""Configs: defaults, files merged in order, overrides, and errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from configs import ConfigError, load_config, to_yaml
+from configs.loader import from_container
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+
+
+def test_defaults_are_the_built_in_data_and_the_packaged_minilm():
+    cfg = load_config()
+    assert cfg.data.source == "synthetic" and cfg.model.item.encoder == "minilm"
+    assert cfg.model.user.max_len == cfg.data.max_len  # interpolated, not duplicated
+
+
+def test_files_merge_in_order_and_overrides_come_last(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model:\n  dim: 32\n  mode: id\n")
+    second.write_text("model:\n  dim: 48\n")
+    cfg = load_config([first, second], ["data.max_len=7"])
+    assert (cfg.model.dim, cfg.model.mode, cfg.data.max_len, cfg.model.user.max_len) == (48, "id", 7, 7)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.batchsize=3", "'data.batch_size'"),
+    ("model.user.layer=3", "'model.user.layers'"),
+    ("trainer.max_epoch=3", "'trainer.max_epochs'"),
+])
+def test_unknown_key_names_the_key_and_the_closest_spelling(override, expected):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{override.split('=')[0]}'.*{expected}"):
+        load_config([], [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  lr_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'trainer.lr_rate'.*'trainer.lr'"):
+        load_config([bad])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=abc", "data.batch_size"),
+    ("model.mode=bert", "model.mode"),
+    ("model.item.pooling=max", "model.item.pooling"),
+    ("split.cold_item_fraction=1.5", "split.cold_item_fraction"),
+    ("data.source=table", "data.interactions"),
+    ("model.dim=31", "model.user.heads"),
+])
+def test_bad_values_fail_at_load_time_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([], [override])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config([], ["model.mode=id", "run.name=x"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert load_config([tmp_path / "config.yaml"]) == cfg
+
+
+def test_from_container_restores_the_dataclasses():
+    from omegaconf import OmegaConf
+
+    cfg = load_config([], ["model.dim=16", "model.user.heads=4"])
+    assert from_container(OmegaConf.to_container(OmegaConf.structured(cfg))) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
+    assert path.read_text().startswith("# ") and "twotower " in path.read_text().splitlines()[0]
+    load_config([path])
