@@ -113,7 +113,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     "WebDataset shuffle buffer (samples); small values keep tests fast."
     num_workers: int = 0
-    "DataLoader workers for training shards."
+    "DataLoader workers for training shards (per rank)."
+    resample: Optional[bool] = None
+    "Training shards: true: each rank/worker draws shards with replacement (any shard count works) | false: shards are split by node and worker, each read once per pass (needs at least ranks x workers shards) | null: resample when more than one rank trains. Either way every rank gets the same number of batches per epoch."
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("synthetic", "table", "movielens"))
@@ -203,6 +205,8 @@ class LossConfig:
     "Subtract log of each candidate's inclusion probability (sampled candidates)."
     temperature: float = 1.0
     "Logits are scores divided by this."
+    local_loss: bool = False
+    "Sampled candidates under DDP/DeepSpeed: false: each rank's softmax runs over the candidates (batch items, negatives, their logQ and ids) gathered from every rank, with gradients | true: over its own batch's candidates only (no cross-rank traffic, fewer negatives). Queries are always the rank's own."
 
     def __post_init__(self) -> None:
         _check_choice("model.loss.candidates", self.candidates, ("auto", "full", "sampled"))
@@ -238,15 +242,15 @@ class ModelConfig:
 class TrainerConfig:
     """The Lightning Trainer and optimiser."""
 
-    max_epochs: int = 10
+    max_epochs: int = 5
     "Epochs (one epoch = every training user once, per rank)."
     max_steps: int = -1
     "Stop after this many optimiser steps (-1: no limit)."
-    lr: float = 1e-3
+    lr: float = 3e-3
     "AdamW learning rate of the towers (the encoder uses model.item.lr_scale times this)."
     weight_decay: float = 0.0
     "AdamW weight decay."
-    warmup_steps: int = 50
+    warmup_steps: int = 10
     "Linear warm-up steps, then constant."
     gradient_clip_val: float = 1.0
     "Clip the gradient norm to this (0: off)."
@@ -255,9 +259,23 @@ class TrainerConfig:
     accelerator: str = "cpu"
     "cpu | gpu | auto."
     devices: int = 1
-    "Devices (processes) per node."
+    "Devices (processes) per node; under torchrun/SLURM it must match the processes launched per node."
+    num_nodes: int = 1
+    "Nodes; world size = num_nodes x devices."
+    strategy: str = "auto"
+    "auto (one process, or Lightning's choice) | ddp | deepspeed (ZeRO, stage from trainer.zero_stage; also on CPU with gloo)."
+    zero_stage: int = 2
+    "DeepSpeed ZeRO stage: 1 (optimizer state sharded) | 2 (+ gradients) | 3 (+ parameters)."
+    offload_optimizer: bool = False
+    "DeepSpeed: keep optimizer state in CPU memory and step there (DeepSpeedCPUAdam, JIT-built C++)."
+    offload_parameters: bool = False
+    "DeepSpeed: keep parameters in CPU memory between uses (needs zero_stage=3)."
+    process_group_backend: Optional[str] = None
+    "torch.distributed backend: null (nccl on GPU, gloo on CPU) | nccl | gloo."
+    resume: Optional[str] = None
+    "Resume training from a checkpoint (file, or ZeRO checkpoint folder) | auto: the run folder's checkpoints/last.ckpt when it exists (what a SLURM requeue relies on) | null: start fresh."
     precision: str = "32-true"
-    "Lightning precision: 32-true | bf16-mixed."
+    "Lightning precision: 32-true | bf16-mixed (GPU; on CPU with auto/ddp)."
     patience: int = 0
     "Stop when val/ndcg@10 has not improved for this many validations (0: off)."
     limit_val_users: int = 0
@@ -273,6 +291,16 @@ class TrainerConfig:
         _check_positive("trainer.devices", self.devices)
         _check_choice("trainer.accelerator", self.accelerator, ("cpu", "gpu", "auto"))
         _check_choice("trainer.precision", self.precision, ("32-true", "bf16-mixed"))
+        _check_positive("trainer.num_nodes", self.num_nodes)
+        _check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "deepspeed"))
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"trainer.zero_stage={self.zero_stage}: expected 1, 2 or 3")
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError("trainer.offload_parameters=true needs trainer.zero_stage=3")
+        if (self.offload_optimizer or self.offload_parameters) and self.strategy != "deepspeed":
+            raise ValueError("trainer.offload_optimizer/offload_parameters need trainer.strategy=deepspeed")
+        if self.process_group_backend is not None:
+            _check_choice("trainer.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
         _check_positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
 
 

@@ -1,11 +1,16 @@
 """Reading prepared shards for training and evaluation (a `LightningDataModule`).
 
-Training streams user sequences from tar shards: shards are split by node and by worker, shuffled
-with a buffer whose seed changes every epoch and differs per rank and worker, cropped to the
-newest `max_len + 1` items (SASRec style) and batched. Evaluation cases and the item catalogue are
-small and are read whole."""
+Training streams user sequences from tar shards, cropped to the newest `max_len + 1` items (SASRec
+style) and batched. Every (rank, worker) stream has its own shards and its own shuffle seed, which
+also changes every epoch. Under DDP/DeepSpeed every rank must run exactly the same number of steps
+or the gradient all-reduce hangs, so with more than one rank each stream is endless (shards drawn
+with replacement, or its own share of shards cycled) and is cut at a fixed number of batches, the
+same on every rank (open_clip's `with_epoch`). Evaluation cases and the item catalogue are small
+and are read whole; each rank ranks a disjoint share of the users, padded to equal batch counts."""
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs.schema import Config
 from datamodules.prepare import read_manifest
-from datamodules.shards import read_all
+
+
+def read_all(urls: list[str]) -> list[dict]:
+    """Every sample of these shards, decoded, in file order, on every rank. (`shards.read_all` goes
+    through `wds.WebDataset`, whose default node splitter refuses to run once torch.distributed is
+    up; evaluation users and the catalogue are wanted whole on every rank, then shared out here.)"""
+    if not urls:
+        return []
+    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode()))
 
 
 @dataclass
@@ -74,46 +87,82 @@ def collate_training(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor
 
 
 class TrainSequences(IterableDataset):
-    """One pass over the training shards per epoch, reshuffled each epoch."""
+    """Training batches of one rank; one `iter()` per epoch.
 
-    def __init__(self, urls: list[str], max_len: int, batch_size: int, shuffle_buffer: int, seed: int):
+    `resample`: each of the rank's worker streams draws shards with replacement (seeded by seed,
+    epoch, rank and worker), so any shard count works. Otherwise the shards, in an order that is the
+    same on every rank and changes per epoch, are dealt to the `world_size * workers` streams
+    round-robin; this needs at least one shard per stream. `batches_per_epoch` (per rank): when set,
+    each stream repeats its shards as needed and stops after its share of that many batches, so all
+    ranks step in lockstep; when None (one rank, no resampling), an epoch is one exact pass."""
+
+    def __init__(self, urls: list[str], max_len: int, batch_size: int, shuffle_buffer: int, seed: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, resample: bool = False,
+                 batches_per_epoch: int | None = None, epoch: int = 0):
+        streams = world_size * max(1, num_workers)
+        if not resample and len(urls) < streams:
+            raise ValueError(f"{len(urls)} training shard(s) for {world_size} rank(s) x {max(1, num_workers)} worker(s): "
+                             "every stream needs its own shard; set data.resample=true, or fewer data.num_workers, "
+                             "or smaller shards (data.shard_max_count) and prepare again")
         self.urls, self.max_len, self.batch_size = urls, max_len, batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.epoch = 0
+        self.rank, self.world_size, self.resample = rank, world_size, resample
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = epoch
+
+    def _shards(self, epoch: int, stream: int, streams: int):
+        """URLs (as WebDataset source dicts) this stream reads this epoch."""
+        if self.resample:
+            rng = random.Random(f"resample/{self.seed}/{epoch}/{stream}")
+            urls = (rng.choice(self.urls) for _ in itertools.count())
+        else:
+            order = list(self.urls)
+            random.Random(f"order/{self.seed}/{epoch}").shuffle(order)  # the same order on every rank
+            mine = order[stream::streams]
+            urls = itertools.cycle(mine) if self.batches_per_epoch is not None else iter(mine)
+        return ({"url": url} for url in urls)
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        urls = list(self.urls)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(urls)  # the same shard order on every rank
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        worker = get_worker_info().id if get_worker_info() else 0
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stream, streams = self.rank * workers + worker, self.world_size * workers
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
-            wds.split_by_node,
-            wds.split_by_worker,
+            lambda: self._shards(epoch, stream, streams),
             wds.tarfile_to_samples(),
-            wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, rank, worker))),
+            wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, stream))),
             wds.decode(),
             wds.map(lambda sample: sample["seq.npy"][-(self.max_len + 1):]),
             wds.select(lambda seq: len(seq) >= 2),
-            wds.batched(self.batch_size, collation_fn=collate_training, partial=True),
+            wds.batched(self.batch_size, collation_fn=collate_training, partial=self.batches_per_epoch is None),
         )
-        return iter(pipeline)
+        if self.batches_per_epoch is None:
+            return iter(pipeline)
+        # Workers of a rank share its batches; Lightning's loader interleaves them round-robin.
+        share = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        return itertools.islice(iter(pipeline), share)
 
 
 class EvalCases(torch.utils.data.Dataset):
-    def __init__(self, samples: list[dict], max_len: int):
-        self.samples, self.max_len = samples, max_len
+    """Evaluation users; `padding` extra cases with target -1 (empty history) make every rank's
+    share the same length, and are skipped when metrics are summed."""
+
+    def __init__(self, samples: list[dict], max_len: int, padding: int = 0):
+        self.samples, self.max_len, self.padding = samples, max_len, padding
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) + self.padding
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        if i >= len(self.samples):
+            return np.zeros(0, dtype=np.int64), -1
         s = self.samples[i]
-        return s["history.npy"][-self.max_len:], s["json"]["target"]
+        return s["history.npy"], s["json"]["target"]
 
     def collate(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_left([h for h, _ in batch], self.max_len), torch.tensor([t for _, t in batch], dtype=torch.long)
+        """Whole histories, so every seen item is filtered; the model reads the newest max_len."""
+        width = max([self.max_len] + [len(h) for h, _ in batch])
+        return pad_left([h for h, _ in batch], width), torch.tensor([t for _, t in batch], dtype=torch.long)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -135,19 +184,42 @@ class ShardDataModule(pl.LightningDataModule):
             self._cases[split] = read_all([str(self.folder / s) for s in self.manifest["shards"][split]])
         return self._cases[split]
 
-    def train_dataloader(self) -> DataLoader:
-        data = self.cfg.data
-        dataset = TrainSequences([str(self.folder / s) for s in self.manifest["shards"]["train"]],
-                                 data.max_len, data.batch_size, data.shuffle_buffer, self.cfg.seed)
-        return DataLoader(dataset, batch_size=None, num_workers=data.num_workers, persistent_workers=data.num_workers > 0)
+    def _rank(self) -> tuple[int, int]:
+        """(global rank, world size) of the Trainer this module is attached to; (0, 1) without one."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def eval_dataloader(self, split: str, limit: int = 0) -> DataLoader:
+    def train_dataset(self, rank: int = 0, world_size: int = 1, epoch: int = 0) -> TrainSequences:
+        data = self.cfg.data
+        resample = data.resample if data.resample is not None else world_size > 1
+        batches = None
+        if world_size > 1 or resample:
+            # One epoch ~ every training user once over all ranks, rounded up to whole batches.
+            batches = max(1, math.ceil(self.manifest["counts"]["train_users"] / (data.batch_size * world_size)))
+        return TrainSequences([str(self.folder / s) for s in self.manifest["shards"]["train"]], data.max_len,
+                              data.batch_size, data.shuffle_buffer, self.cfg.seed, rank, world_size, data.num_workers,
+                              resample, batches, epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        # Lightning restores a checkpoint before it asks for the loader: a resumed run starts at the
+        # epoch (hence the shuffles) where the interrupted one stopped.
+        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
+        dataset = self.train_dataset(rank, world_size, epoch)
+        workers = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def eval_dataloader(self, split: str, limit: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Users of `split` (the first `limit`, 0: all); rank r of W gets users r, r+W, ... padded
+        so that every rank has ceil(n / W) of them (see `EvalCases`)."""
         cases = self.cases(split)
-        dataset = EvalCases(cases[:limit] if limit else cases, self.cfg.data.max_len)
+        cases = cases[:limit] if limit else cases
+        mine = cases[rank::world_size]
+        dataset = EvalCases(mine, self.cfg.data.max_len, padding=math.ceil(len(cases) / world_size) - len(mine))
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, collate_fn=dataset.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("valid", self.cfg.trainer.limit_val_users)
+        return self.eval_dataloader("valid", self.cfg.trainer.limit_val_users, *self._rank())
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_dataloader(self.test_split)
+        return self.eval_dataloader(self.test_split, 0, *self._rank())

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
 from configs.schema import Config
-from modules.losses import expected_draws_log, softmax_loss
+from modules.distributed import rank_and_world
+from modules.losses import cross_rank_softmax_loss, expected_draws_log, softmax_loss
 from modules.metrics import metric_sums
 from modules.two_tower import TwoTower
+
+
+# `_log_ranking` logs values it has already summed over ranks itself; Lightning's advice to
+# `sync_dist` would reduce them a second time.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's randomness (negatives, dropout) on one rank: distinct per
+    rank (the same seed everywhere would draw the same negatives on every rank), and a function of
+    the step alone, so a resumed run draws what the uninterrupted run drew."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
@@ -58,6 +72,10 @@ class TwoTowerModule(pl.LightningModule):
         vectors = self.model.item_tower(distinct)
         states = self.model.user_tower(vectors[torch.searchsorted(distinct, inputs.clamp_min(0))], inputs >= 0)
         labels = torch.searchsorted(distinct, targets[positions])
+        if rank_and_world()[1] > 1 and not loss_cfg.local_loss:
+            return cross_rank_softmax_loss(states[positions], vectors, labels, distinct, loss_cfg.temperature,
+                                           self.item_prob if loss_cfg.logq else None, len(in_batch),
+                                           loss_cfg.num_negatives, len(self.eligible))
         log_q = None
         if loss_cfg.logq:
             log_q = expected_draws_log(self.item_prob[distinct], len(in_batch), loss_cfg.num_negatives, len(self.eligible))
@@ -67,6 +85,7 @@ class TwoTowerModule(pl.LightningModule):
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.cfg.seed, self.global_rank, self.global_step))
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -89,7 +108,14 @@ class TwoTowerModule(pl.LightningModule):
         groups = [{"params": other, "lr": lr}]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": lr * self.cfg.model.item.lr_scale})
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay)
+        if self.cfg.trainer.offload_optimizer:
+            # ZeRO-Offload steps on the CPU; DeepSpeed insists on its C++ Adam there (JIT-built).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay, adamw_mode=True)
+        else:
+            # A plain torch optimizer: DeepSpeed wraps a client optimizer (no C++ ops to build).
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay)
         warmup = max(1, self.cfg.trainer.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -102,8 +128,14 @@ class TwoTowerModule(pl.LightningModule):
         self._users = 0
 
     def _rank_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Rows with target -1 pad a rank's share of users so that every rank runs the same number
+        of forward passes (ZeRO-3 gathers parameters collectively); they are not scored."""
         history, target = batch
         users = self.model.user_vectors(history[:, -self.cfg.data.max_len:], self._table)
+        real = target >= 0
+        history, target, users = history[real], target[real], users[real]
+        if not len(target):
+            return
         scores = self.model.scores(users, self._table)
         for name, total in metric_sums(scores, history, target, self.cfg.eval.ks, self.cfg.eval.filter_seen).items():
             self._sums[name] = self._sums.get(name, 0.0) + total
@@ -111,12 +143,14 @@ class TwoTowerModule(pl.LightningModule):
 
     def _log_ranking(self, prefix: str) -> None:
         """Sums and user counts are reduced over ranks, so the means weight every user equally."""
-        names = sorted(self._sums)
-        totals = torch.stack([torch.as_tensor(self._sums[n], dtype=torch.float64, device=self.device) for n in names]
+        names = sorted(self._sums) or [f"{m}@{k}" for k in self.cfg.eval.ks for m in ("hr", "ndcg", "mrr")]
+        totals = torch.stack([torch.as_tensor(self._sums.get(n, 0.0), dtype=torch.float64, device=self.device) for n in names]
                              + [torch.tensor(float(self._users), dtype=torch.float64, device=self.device)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         count = max(totals[-1].item(), 1.0)
-        self.log_dict({f"{prefix}/{n}": totals[i].item() / count for i, n in enumerate(names)}, rank_zero_only=True)
+        # Every rank holds the same reduced values and logs them: ModelCheckpoint and EarlyStopping
+        # run on every rank and must all see the monitored metric (the loggers write on rank 0 only).
+        self.log_dict({f"{prefix}/{n}": totals[i].item() / count for i, n in enumerate(names)})
         del self._table
 
     def on_validation_epoch_start(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from modules.distributed import all_reduce_sum, gather_rows, rank_and_world
+
 
 def expected_draws_log(item_prob: torch.Tensor, occurrences: int, num_uniform: int, num_eligible: int) -> torch.Tensor:
     """log E[#draws] of each candidate under the mixed sampler: the batch's `occurrences` item slots
@@ -25,17 +27,80 @@ def softmax_loss(
     log_q: torch.Tensor | None = None,
     candidate_ids: torch.Tensor | None = None,
     target_ids: torch.Tensor | None = None,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean CE of queries [P, d] against candidates [C, d]; `labels` [P] index the positive.
 
     `log_q` [C]: logQ correction subtracted from the logits. `candidate_ids`/`target_ids`: mask
     accidental hits, i.e. a candidate that is the same item as the positive but sits in another
-    column (possible when candidate sets are gathered from several ranks)."""
+    column (possible when candidate sets are gathered from several ranks). `drop` [C] bool: columns
+    left out of every query's softmax (duplicates), except where a column is the query's label."""
     logits = queries @ candidates.T / temperature
     if log_q is not None:
         logits = logits - log_q
-    if candidate_ids is not None:
-        hits = candidate_ids[None, :] == target_ids[:, None]
-        hits[torch.arange(len(labels), device=labels.device), labels] = False
-        logits = logits.masked_fill(hits, float("-inf"))
-    return F.cross_entropy(logits.float(), labels)
+    if candidate_ids is not None or drop is not None:
+        masked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        if candidate_ids is not None:
+            masked |= candidate_ids[None, :] == target_ids[:, None]
+        if drop is not None:
+            masked |= drop[None, :]
+        masked[torch.arange(len(labels), device=labels.device), labels] = False
+        logits = logits.masked_fill(masked, float("-inf"))
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
+
+
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """[C] bool: True at the first column holding each id."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(len(ids), device=ids.device)
+    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids), device=ids.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    keep = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    keep[first] = True
+    return keep
+
+
+def cross_rank_softmax_loss(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    temperature: float = 1.0,
+    item_prob: torch.Tensor | None = None,
+    occurrences: int = 0,
+    num_uniform: int = 0,
+    num_eligible: int = 1,
+) -> torch.Tensor:
+    """Sampled softmax whose candidate set is the union of every rank's candidates.
+
+    Each rank brings its queries [P_r, d], its distinct candidates [C_r, d] (batch items and
+    uniform negatives, C_r differing across ranks) with their item ids, and each query's label
+    (a column of its own candidates). Why the result is the single-process loss over the
+    concatenated batch, gradients included:
+
+    * Candidates: `gather_rows` concatenates all ranks' candidates in rank order, so this rank's
+      column j moves to `offset + j`, offset = sum of the earlier ranks' C (open_clip's label
+      offset by rank). Gradients of other ranks' columns are sent back to their owners.
+    * Duplicates: an item can be a candidate on several ranks. Each item must be one column of the
+      softmax, as in the union a single process would build, so every column but the item's first
+      is dropped; for the item that is a query's positive, the query's own label column is kept
+      and every other copy is masked as an accidental hit (`softmax_loss`'s id masking).
+    * logQ: the global sampler drew sum_r(occurrences_r) batch slots by popularity and
+      sum_r(num_uniform_r) uniform negatives, so the expected draws of item i are
+      occ * p_i + uniform / eligible with those global totals, computed from the gathered ids.
+    * Weighting: DDP and DeepSpeed average gradients over ranks, so each rank returns its mean loss
+      times P_r * W / P (P = all ranks' queries): the average over ranks is then the mean over
+      every query of the global batch, whatever each rank's share of positions.
+    """
+    rank, world = rank_and_world()
+    all_candidates, sizes = gather_rows(candidates)
+    all_ids, _ = gather_rows(candidate_ids, fill=-1)
+    global_labels = labels + sum(sizes[:rank])
+    totals = all_reduce_sum(torch.tensor([float(occurrences), float(num_uniform), float(len(labels))],
+                                         dtype=torch.float64, device=queries.device))
+    log_q = None
+    if item_prob is not None:
+        log_q = torch.log(totals[0] * item_prob[all_ids].double() + totals[1] / num_eligible).to(all_candidates.dtype)
+    loss = softmax_loss(queries, all_candidates, global_labels, temperature, log_q,
+                        candidate_ids=all_ids, target_ids=all_ids[global_labels], drop=~first_occurrences(all_ids))
+    return loss * (len(labels) * world / totals[2]).to(loss.dtype)

@@ -45,6 +45,7 @@ class UserTower(nn.Module):
         super().__init__()
         self.max_len = cfg.max_len
         self.positions = nn.Embedding(cfg.max_len, dim)
+        nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(dim)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from configs import ConfigError, load_config
+from configs.serving import ServingConfig
+
+SERVING_COMMANDS = ("export", "recommend", "serve")
+"A ValueError from these is bad input (unknown ids, a bad export folder): a message and exit 2."
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +31,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit`")
     evaluate.add_argument("--split", default="test", choices=["valid", "test", "cold"])
+    export = commands.add_parser("export", help="checkpoint -> a folder with the towers, item vectors and a FAISS index")
+    _add_config_args(export)
+    export.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` (config: its run folder's config.yaml unless -c)")
+    export.add_argument("--out", help="output folder (default: export/ in the checkpoint's run folder)")
+    export.add_argument("--hnsw-min-items", type=int, default=ServingConfig.hnsw_min_items,
+                        help="catalogues this large get an HNSW index instead of an exact one (default: %(default)s)")
+    recommend = commands.add_parser("recommend", help="top-K items for a history, from an exported model")
+    _add_config_args(recommend)
+    recommend.add_argument("--model", required=True, help="a folder written by `twotower export`")
+    histories = recommend.add_mutually_exclusive_group(required=True)
+    histories.add_argument("--history", help="item ids, oldest first, comma-separated: ID,ID,...")
+    histories.add_argument("--json", metavar="FILE", help="a JSON list of histories (lists of item ids)")
+    recommend.add_argument("--k", type=int, default=10, help="items per history (default: %(default)s)")
+    recommend.add_argument("--skip-unknown", action="store_true", help="drop unknown ids with a warning instead of failing")
+    serve = commands.add_parser("serve", help="HTTP JSON server: POST /recommend, POST /items, GET /health")
+    _add_config_args(serve)
+    serve.add_argument("--model", required=True, help="a folder written by `twotower export`")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     return parser
+
+
+def _config_files(args: argparse.Namespace) -> list[str]:
+    """export reads the run's config.yaml unless -c is given; recommend and serve start from the
+    exported config.yaml; -c files merge over either."""
+    if args.command == "export" and not args.config:
+        run_config = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
+        return [str(run_config)] if run_config.is_file() else []
+    if args.command in ("recommend", "serve"):
+        return [str(Path(args.model) / "config.yaml"), *args.config]
+    return args.config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(_config_files(args), args.overrides)
     except ConfigError as exc:
         print(f"twotower {args.command}: config error: {exc}", file=sys.stderr)
         return 2
@@ -51,7 +86,27 @@ def main(argv: list[str] | None = None) -> int:
             from trainers.evaluate import evaluate_checkpoint
 
             evaluate_checkpoint(cfg, args.checkpoint, args.split)
+        elif args.command == "export":
+            from trainers.export import export
+
+            out = args.out or Path(args.checkpoint).resolve().parent.parent / "export"
+            export(cfg, args.checkpoint, out, ServingConfig(hnsw_min_items=args.hnsw_min_items))
+        elif args.command == "recommend":
+            from trainers.recommend import read_histories, recommend_once
+
+            if not 1 <= args.k <= ServingConfig.max_k:
+                raise ValueError(f"--k={args.k}: expected 1 <= k <= {ServingConfig.max_k}")
+            recommend_once(cfg, args.model, read_histories(args.history, args.json), args.k, args.skip_unknown)
+        elif args.command == "serve":
+            from trainers.serve import serve
+
+            serve(cfg, args.model, args.host, args.port, ServingConfig())
     except DataError as exc:
         print(f"twotower {args.command}: data error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if args.command not in SERVING_COMMANDS:
+            raise
+        print(f"twotower {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

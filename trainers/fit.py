@@ -2,7 +2,9 @@
 -> test (and cold) on the best checkpoint -> run folder (summary.json, curves, table)."""
 from __future__ import annotations
 
+import fcntl
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -10,13 +12,16 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from configs import Config, to_yaml
 from datamodules.datamodule import ShardDataModule
 from datamodules.prepare import prepare
 from modules.lit_two_tower import TwoTowerModule
+from trainers.checkpoints import consolidate_checkpoint, is_deepspeed_checkpoint, resolve_resume
 from trainers.evaluate import popularity_metrics
 from trainers.run_folder import metrics_table, plot_curves, write_atomic, write_json
+from trainers.strategies import build_strategy
 
 MONITOR = "val/ndcg@10"
 
@@ -30,14 +35,61 @@ def parameter_counts(module: TwoTowerModule) -> dict[str, int]:
     return counts
 
 
-def build_loggers(cfg: Config, run_dir: Path) -> list:
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of this run folder: a resumed run continues the same W&B run. Every rank
+    computes one, but only rank 0's WandbLogger ever creates a run (Lightning's `rank_zero_experiment`)."""
+    import secrets
+
+    id_file = run_dir / ".wandb_id"
+    if resuming and id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+    if rank_zero_only.rank == 0:
+        write_atomic(id_file, run_id)
+    return run_id
+
+
+def build_loggers(cfg: Config, run_dir: Path, resuming: bool = False) -> list:
+    """CSV always, W&B when enabled. Both write from global rank 0 only (Lightning's loggers are
+    rank-zero-only), whatever the number of processes."""
     loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     wandb = cfg.logger.wandb
     if wandb.mode != "disabled":
         loggers.append(WandbLogger(name=cfg.run.name, project=wandb.project, entity=wandb.entity, group=wandb.group,
+                                   id=wandb_run_id(run_dir, resuming), resume="allow",
                                    tags=list(wandb.tags), mode=wandb.mode, save_dir=str(run_dir),
                                    config=OmegaConf.to_container(OmegaConf.structured(cfg))))
     return loggers
+
+
+@contextmanager
+def _exclusive(lock_file: Path):
+    """One process at a time (every rank runs `fit` from the top; the first prepares the shards,
+    the others then find them up to date). Needs a shared file system across nodes, as the shards do."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def test_checkpoint(trainer: pl.Trainer, best: str | None, run_dir: Path) -> str | None:
+    """The checkpoint `trainer.test` restores. A DeepSpeed run also gets `best-fp32.ckpt`, the best
+    checkpoint consolidated into one plain file (for evaluate/export, no DeepSpeed needed). Under
+    ZeRO-3, test restores that file (`load_full_weights`: DeepSpeed 0.19 cannot reload a ZeRO-3
+    folder into an inference engine, `DeepSpeedZeRoOffload` lacks `_restore_from_bit16_weights`)."""
+    if best is None or not is_deepspeed_checkpoint(best):
+        return best
+    fp32 = run_dir / "checkpoints" / "best-fp32.ckpt"
+    if trainer.is_global_zero:
+        torch.save(consolidate_checkpoint(best), fp32)
+    trainer.strategy.barrier("consolidate")
+    if trainer.strategy.zero_stage_3:
+        trainer.strategy.load_full_weights = True
+        return str(fp32)
+    return best
 
 
 def fit(cfg: Config) -> dict[str, float]:
@@ -48,7 +100,9 @@ def fit(cfg: Config) -> dict[str, float]:
     run_dir = Path(cfg.run.dir)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
-    prepare(cfg)
+    data_dir = Path(cfg.data.dir)
+    with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
+        prepare(cfg)
     data = ShardDataModule(cfg)
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
@@ -57,10 +111,12 @@ def fit(cfg: Config) -> dict[str, float]:
     callbacks = [checkpoint]
     if cfg.trainer.patience:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience))
-    loggers = build_loggers(cfg, run_dir)
     t = cfg.trainer
+    resume = resolve_resume(t.resume, run_dir)
+    loggers = build_loggers(cfg, run_dir, resuming=resume is not None)
     trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=t.max_epochs,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
+        precision=t.precision, max_epochs=t.max_epochs, use_distributed_sampler=False,  # eval shares: ShardDataModule
         max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val or None,
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), enable_model_summary=False,
@@ -68,15 +124,16 @@ def fit(cfg: Config) -> dict[str, float]:
     )
     for logger in loggers:
         logger.log_metrics(parameter_counts(module), step=0)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
 
     summary: dict[str, float] = {"best/" + MONITOR: float(checkpoint.best_model_score or float("nan"))}
     rows = {}
+    best = test_checkpoint(trainer, checkpoint.best_model_path or None, run_dir)
     for split in ("test", "cold"):
         if not data.manifest["counts"][split]:
             continue
         module.test_split = data.test_split = split
-        model_metrics = trainer.test(module, datamodule=data, ckpt_path=checkpoint.best_model_path or None, verbose=False)[0]
+        model_metrics = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]
         baseline = popularity_metrics(data, split)
         summary.update(model_metrics)
         summary.update({f"popularity/{k}": v for k, v in baseline.items()})

@@ -1,0 +1,35 @@
+"""Settings of `twotower export` (which FAISS index) and `twotower serve` (request limits).
+
+Kept apart from `configs.schema` for now; wired in as `Config.serving: ServingConfig` they become
+`serving.*` keys like every other setting. Until then the CLI fills them from flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServingConfig:
+    """The item index of an exported model and the bounds of what one request may ask."""
+
+    hnsw_min_items: int = 100_000
+    "Catalogues with at least this many items get an HNSW index (approximate); smaller ones an exact IndexFlatIP."
+    hnsw_m: int = 32
+    "HNSW: neighbours per node (more: better recall, more memory)."
+    hnsw_ef_construction: int = 200
+    "HNSW: candidate list size while building."
+    hnsw_ef_search: int = 128
+    "HNSW: candidate list size while searching (more: better recall, slower); stored in the index."
+    max_k: int = 1000
+    "Largest k a request may ask for."
+    max_history: int = 1000
+    "Most item ids in one history (or exclude list); the user tower reads only the newest data.max_len."
+    max_batch: int = 256
+    "Most histories in one /recommend request."
+    max_new_items: int = 1000
+    "Most items in one /items request."
+
+    def __post_init__(self) -> None:
+        for key in ("hnsw_min_items", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+                    "max_k", "max_history", "max_batch", "max_new_items"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"serving.{key}={getattr(self, key)!r}: expected a positive number")

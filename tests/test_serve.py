@@ -1,0 +1,231 @@
+"""`twotower serve` as a real server process on a loopback port: recommendations round-trip,
+bad requests get a 4xx with a message (never a 5xx), new items are searchable as soon as the POST
+returns and are found for histories like them, and recommending while items are added never fails."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from configs import load_config
+from configs.serving import ServingConfig
+from datamodules.synthetic import catalogue
+from exported_run import exported_run
+from modules.two_tower import TwoTower
+from trainers.exported import Exported, load_exported
+from trainers.item_index import build_index
+from trainers.recommender import Recommender
+from trainers.serve import build_app
+
+LIMITS = ServingConfig()
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        self.process.terminate()  # SIGTERM: uvicorn finishes in-flight requests and exits
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the server ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, log: Path, timeout: float = 300) -> Server:
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "trainers", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1]],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return Server(process, url, log)
+        except httpx.TransportError:
+            time.sleep(0.3)
+    Server(process, url, log).stop()
+    raise AssertionError(f"no /health within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def run(tiny_overrides, tmp_path_factory):
+    return exported_run(tiny_overrides, tmp_path_factory.getbasetemp() / "exported-run")
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Servers started by this module's tests, by model folder: one process serves them all."""
+    started: dict[Path, Server] = {}
+    yield started
+    for server in started.values():
+        server.stop()  # uvicorn re-raises the SIGTERM it handled, so the exit status is -SIGTERM
+        assert "Application shutdown complete" in server.log.read_text(), server.log.read_text()[-3000:]
+
+
+@pytest.fixture
+def server(run, servers, tmp_path_factory) -> Server:
+    if run.model not in servers:
+        servers[run.model] = start_server(run.model, tmp_path_factory.mktemp("server") / "server.log")
+    return servers[run.model]
+
+
+@pytest.fixture
+def item_ids(run) -> list[str]:
+    return json.loads((run.model / "item_ids.json").read_text())
+
+
+def exported_only(rows: list[dict], known: set[str]) -> list[dict]:
+    """Results restricted to the exported catalogue (other tests may have added items)."""
+    return [r for r in rows if r["item_id"] in known]
+
+
+@pytest.mark.slow
+def test_recommend_round_trip(server, run, item_ids):
+    histories = [item_ids[:5], item_ids[30:32], [item_ids[9]]]
+    reference = Recommender(load_exported(run.model)).recommend(histories, 10, exclude=[item_ids[50]])
+    response = httpx.post(f"{server.url}/recommend", json={"histories": histories, "k": LIMITS.max_k, "exclude": [item_ids[50]]})
+    assert response.status_code == 200, response.text
+    for got, expected in zip(response.json()["results"], reference):
+        got = exported_only(got["items"], set(item_ids))[:10]
+        assert [r["item_id"] for r in got] == [i for i, _ in expected]
+        np.testing.assert_allclose([r["score"] for r in got], [s for _, s in expected], rtol=1e-5, atol=1e-5)
+    single = httpx.post(f"{server.url}/recommend", json={"history": histories[0], "k": LIMITS.max_k})
+    assert single.status_code == 200 and set(single.json()) == {"items"}
+    assert not {r["item_id"] for r in single.json()["items"]} & set(histories[0])
+
+
+BAD_REQUESTS = [
+    ("/recommend", b'{"history": ["a", ', "JSON decode error"),
+    ("/recommend", b"[1, 2]", "valid dictionary"),
+    ("/recommend", {"history": ["{0}"], "k": 0}, "greater than or equal to 1"),
+    ("/recommend", {"history": ["{0}"], "k": 10**6}, "less than or equal to"),
+    ("/recommend", {"history": ["{0}"], "k": "ten"}, "valid integer"),
+    ("/recommend", {"history": ["{0}", "no-such-item"]}, "no-such-item"),
+    ("/recommend", {"history": ["{0}"], "exclude": ["missing-too"]}, "missing-too"),
+    ("/recommend", {"history": []}, "at least 1 item"),
+    ("/recommend", {"histories": [["{0}"]] * (LIMITS.max_batch + 1)}, f"at most {LIMITS.max_batch} items"),
+    ("/recommend", {"history": ["{0}"] * (LIMITS.max_history + 1)}, f"at most {LIMITS.max_history} items"),
+    ("/recommend", {"k": 5}, "exactly one of"),
+    ("/recommend", {"history": ["{0}"], "histories": [["{0}"]]}, "exactly one of"),
+    ("/recommend", {"history": ["{0}"], "kk": 5}, "Extra inputs"),
+    ("/items", {"items": []}, "at least 1 item"),
+    ("/items", {"items": [{"item_id": "{0}", "title": "again"}]}, "already in the catalogue"),
+    ("/items", {"items": [{"item_id": "fresh-1", "titel": "typo"}]}, "unknown field 'titel'"),
+    ("/items", {"items": [{"item_id": "fresh-2", "title": ""}]}, "no text"),
+    ("/items", {"items": [{"item_id": "fresh-3", "title": {"nested": 1}}]}, "valid string"),
+    ("/items", {"items": [{"title": "no id"}]}, "item_id"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,body,message", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_with_a_message(server, item_ids, path, body, message):
+    if isinstance(body, bytes):
+        response = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(f"{server.url}{path}", content=json.dumps(body).replace("{0}", item_ids[0]),
+                              headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert message in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.slow
+def test_new_items_are_found_at_once_for_histories_like_them(server, run):
+    """For each topic of the built-in data: a history of five of its items, and two new items, one
+    repeating the text of the history's newest item, one the text of an item of another topic. The
+    first must rank in the top half of the catalogue and, for most topics, above the second."""
+    cfg = load_config([run.model / "config.yaml"]).data.synthetic
+    items = catalogue(cfg)
+    topics = range(cfg.num_topics)
+    histories, new = [], []
+    for t in topics:
+        history = items[items["topic"] == t].head(5)
+        other = items[items["topic"] == (t + cfg.num_topics // 2) % cfg.num_topics].iloc[0]
+        histories.append(history["item_id"].tolist())
+        new += [{"item_id": f"on-topic-{t}", "title": history["title"].iloc[-1], "text": history["text"].iloc[-1]},
+                {"item_id": f"off-topic-{t}", "title": other["title"], "text": other["text"]}]
+    before = httpx.get(f"{server.url}/health").json()["items"]
+    added = httpx.post(f"{server.url}/items", json={"items": new})
+    assert added.status_code == 200, added.text
+    health = httpx.get(f"{server.url}/health").json()
+    assert added.json()["items"] == health["items"] == before + len(new) and health["mode"] == "id+text"
+
+    response = httpx.post(f"{server.url}/recommend", json={"histories": histories, "k": LIMITS.max_k})
+    assert response.status_code == 200, response.text
+    on_top_half, on_above_off = [], []
+    for t, result in zip(topics, response.json()["results"]):
+        ranked = [r["item_id"] for r in result["items"]]
+        on, off = ranked.index(f"on-topic-{t}"), ranked.index(f"off-topic-{t}")
+        on_top_half.append(on < len(ranked) / 2)
+        on_above_off.append(on < off)
+    assert all(on_top_half), on_top_half
+    assert sum(on_above_off) >= 0.75 * len(on_above_off), on_above_off
+
+
+@pytest.mark.slow
+def test_recommending_while_items_are_added_never_fails(server, item_ids):
+    statuses, errors = [], []
+
+    def recommend_many(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(25):
+                history = rng.choice(item_ids, size=4, replace=False).tolist()
+                try:
+                    response = client.post("/recommend", json={"history": history, "k": 10})
+                    statuses.append(response.status_code)
+                    assert len(response.json()["items"]) == 10
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    errors.append(repr(exc))
+
+    before = httpx.get(f"{server.url}/health").json()["items"]
+    threads = [threading.Thread(target=recommend_many, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for n in range(20):
+            response = client.post("/items", json={"items": [{"item_id": f"live-{n}", "title": f"live item {n}", "text": "galaxy"}]})
+            assert response.status_code == 200, response.text
+    for thread in threads:
+        thread.join()
+    assert not errors and statuses == [200] * 150, (errors, set(statuses))
+    assert httpx.get(f"{server.url}/health").json()["items"] == before + 20
+    found = httpx.post(f"{server.url}/recommend", json={"history": ["live-0"], "k": LIMITS.max_k}).json()["items"]
+    assert {f"live-{n}" for n in range(1, 20)} <= {r["item_id"] for r in found}
+
+
+def test_id_mode_serves_but_refuses_new_items():
+    cfg = load_config([], ["model.mode=id", "model.dim=8", "data.max_len=4"])
+    torch.manual_seed(0)
+    model = TwoTower(cfg.model, 4).eval()
+    vectors = model.catalogue_vectors(4)
+    exported = Exported(cfg=cfg, model=model, item_ids=["a", "b", "c", "d"], texts=["", "", "", ""], vectors=vectors,
+                        index=build_index(vectors.numpy(), LIMITS), tokenizer=None)
+    client = TestClient(build_app(Recommender(exported), LIMITS))
+    assert client.get("/health").json() == {"status": "ok", "items": 4, "mode": "id", "index": "IndexFlatIP"}
+    ranked = client.post("/recommend", json={"history": ["a", "b"], "k": 5}).json()["items"]
+    assert sorted(r["item_id"] for r in ranked) == ["c", "d"]
+    refused = client.post("/items", json={"items": [{"item_id": "e", "title": "new"}]})
+    assert refused.status_code == 422 and "model.mode=id" in refused.json()["detail"]

@@ -1,0 +1,59 @@
+"""Checkpoints across strategies: which one a run resumes from, and a plain fp32 state dict out of
+either kind Lightning writes.
+
+* One process or DDP: `best.ckpt` / `last.ckpt` are single files (rank 0 writes them).
+* DeepSpeed: they are folders; every rank writes its shard (`checkpoint/zero_pp_rank_R_*`) and
+  rank 0 the Lightning state (`checkpoint/mp_rank_00_model_states.pt`). Resuming needs the same
+  world size; `consolidate_checkpoint` merges the shards into one fp32 state dict that loads into
+  `TwoTowerModule` (or `TwoTower`, dropping the `model.` prefix) without DeepSpeed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "checkpoint").is_dir()
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """`trainer.resume` -> the `ckpt_path` for `Trainer.fit`.
+
+    `auto` picks the newest of `checkpoints/last.ckpt` (end of each validated epoch) and Lightning's
+    `hpc_ckpt_N.ckpt` (written on SLURM's SIGUSR1 just before a requeue), or None for a fresh run."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint")
+        return resume
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+
+
+def consolidate_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The Lightning checkpoint dict of `ckpt_path` with `state_dict` as plain fp32 CPU tensors.
+
+    A file (one process, DDP) is loaded as it is. A DeepSpeed folder (ZeRO 1/2/3) goes through
+    Lightning's `convert_zero_checkpoint_to_fp32_state_dict`, which merges the per-rank shards;
+    that needs DeepSpeed installed, the result does not. `hyper_parameters` (config, num_items)
+    are kept, optimizer state is not (ZeRO's is sharded and tied to the world size)."""
+    path = Path(ckpt_path)
+    if not is_deepspeed_checkpoint(path):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        import os
+        import tempfile
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            state = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.ckpt", tag="checkpoint")
+    state["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    state.pop("optimizer_states", None)
+    return state

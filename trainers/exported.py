@@ -1,0 +1,98 @@
+"""The exported model folder (written by `trainers.export`): its layout, and reading it back.
+
+Reading needs torch, transformers, safetensors and faiss, but neither Lightning nor DeepSpeed, so
+a serving machine installs only what inference needs. Layout of `DIR/`:
+
+    config.yaml               the resolved training config (model, text fields, max_len ...)
+    export.json               format version, source checkpoint, counts, index type
+    item_encoder/             the item tower's BERT (`save_pretrained`) and its tokenizer (text modes)
+    towers.safetensors        every other weight: projection, ID embeddings, user tower
+    item_ids.json             item index -> item id
+    item_texts.json           item index -> the text the item tower read
+    item_tokens.safetensors   `tokens` [N, T] int32 (right-padded) and `lengths` [N], as prepared
+    item_vectors.safetensors  `vectors` [N, d] float32: f(item) of every catalogue item
+    items.faiss               FAISS inner-product index over those vectors (label = item index)
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from configs import Config, load_config
+from datamodules.item_text import load_tokenizer
+from modules.two_tower import TwoTower
+
+FORMAT_VERSION = 1
+ENCODER_PREFIX = "item_tower.encoder."
+"State-dict keys of the BERT, which lives in `item_encoder/` instead of `towers.safetensors`."
+
+
+@dataclass
+class Exported:
+    cfg: Config
+    model: TwoTower
+    "In eval mode, its catalogue tokens set (so `catalogue_vectors` works)."
+    item_ids: list[str]
+    texts: list[str]
+    vectors: torch.Tensor
+    "[N, d] float32, what `model.catalogue_vectors` gave at export time."
+    index: faiss.Index
+    tokenizer: PreTrainedTokenizerBase | None
+    "The item tower's tokenizer; None in id mode."
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence the load report and progress bar of `from_pretrained`: the exported encoder has no
+    pooler weights because `ItemTower` drops the pooler, so "pooler MISSING" is expected."""
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_exported(folder: str | Path, cfg: Config | None = None) -> Exported:
+    """Rebuild the model and catalogue from an export folder. `cfg` defaults to its config.yaml
+    (the CLI passes that file merged with `-c` files and overrides)."""
+    folder = Path(folder)
+    meta_path = folder / "export.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{folder}: not an exported model (no export.json); write one with `twotower export`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: export format {meta.get('format_version')}, this twotower reads {FORMAT_VERSION}")
+    cfg = cfg or load_config([folder / "config.yaml"])
+    item_ids = json.loads((folder / "item_ids.json").read_text())
+    uses_text = "text" in cfg.model.mode
+    if uses_text:
+        cfg.model.item.encoder = str(folder / "item_encoder")  # the exported (fine-tuned) encoder
+    with _quiet_transformers():
+        model = TwoTower(cfg.model, len(item_ids))
+    loaded = model.load_state_dict(load_file(folder / "towers.safetensors"), strict=False)
+    missing = [k for k in loaded.missing_keys if not k.startswith(ENCODER_PREFIX)]
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"{folder}/towers.safetensors does not match model.mode={cfg.model.mode}: "
+                         f"missing {missing[:5]}, unexpected {loaded.unexpected_keys[:5]}")
+    tokens = load_file(folder / "item_tokens.safetensors")
+    model.item_tower.set_catalogue(tokens["tokens"], tokens["lengths"])
+    model.requires_grad_(False).eval()
+    return Exported(
+        cfg=cfg, model=model, item_ids=item_ids,
+        texts=json.loads((folder / "item_texts.json").read_text()),
+        vectors=load_file(folder / "item_vectors.safetensors")["vectors"],
+        index=faiss.read_index(str(folder / "items.faiss")),
+        tokenizer=load_tokenizer(str(folder / "item_encoder")) if uses_text else None,
+    )

@@ -1,0 +1,45 @@
+"""`twotower recommend`: top-K for one history (`--history a,b,c`) or many (`--json FILE`) from an
+exported model, printed as JSON lines, one per history, in input order."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from configs import Config
+from trainers.exported import load_exported
+from trainers.recommender import Recommender, UnknownItemsError
+
+
+def read_histories(history: str | None, json_file: str | None) -> list[list[str]]:
+    """`a,b,c` (oldest first) or a JSON file holding a list of such lists of ids."""
+    if history is not None:
+        return [[i.strip() for i in history.split(",") if i.strip()]]
+    try:
+        histories = json.loads(Path(json_file).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{json_file}: cannot read a JSON list of histories: {exc}") from None
+    if not isinstance(histories, list) or not all(isinstance(h, list) for h in histories):
+        raise ValueError(f"{json_file}: expected a JSON list of histories, each a list of item ids")
+    return [[str(i) for i in h] for h in histories]
+
+
+def recommend_once(cfg: Config, model_dir: str, histories: list[list[str]], k: int, skip_unknown: bool) -> list[dict]:
+    """Print one `{"history": [...], "items": [{"item_id", "score"}, ...]}` line per history.
+    Unknown ids raise UnknownItemsError, or with `skip_unknown` are dropped with a warning."""
+    recommender = Recommender(load_exported(model_dir, cfg))
+    unknown = recommender.unknown([i for h in histories for i in h])
+    if unknown and not skip_unknown:
+        raise UnknownItemsError(unknown)
+    if unknown:
+        print(f"twotower recommend: warning: skipped {UnknownItemsError(unknown)}", file=sys.stderr)
+        skipped = set(unknown)
+        histories = [[i for i in h if i not in skipped] for h in histories]
+    empty = [n for n, h in enumerate(histories) if not h]
+    if empty:
+        raise ValueError(f"history number(s) {', '.join(str(n + 1) for n in empty)} hold no known item id")
+    rows = recommender.recommend(histories, k)
+    lines = [{"history": h, "items": [{"item_id": i, "score": s} for i, s in row]} for h, row in zip(histories, rows)]
+    for line in lines:
+        print(json.dumps(line))
+    return lines

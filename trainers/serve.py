@@ -1,0 +1,106 @@
+"""`twotower serve`: an HTTP JSON server over an exported model (FastAPI + uvicorn).
+
+    POST /recommend  {"history": [id, ...], "k": 10, "exclude": [id, ...]}
+                     or {"histories": [[id, ...], ...], "k": 10}   -> top-k ids with scores
+    POST /items      {"items": [{"item_id": ..., "title": ..., <other text fields>}]}
+                     -> embedded by the item tower, searchable at once (no restart)
+    GET  /health     status, item count, model mode
+
+Bad input is a 4xx with a message, never a 5xx: pydantic bounds sizes and k (422), unknown ids are
+named (422), an id already in the catalogue is a conflict (409). Handlers are plain functions, so
+FastAPI runs them on its thread pool: searches run in parallel, appends one at a time."""
+# No `from __future__ import annotations`: FastAPI must resolve the handlers' body types, which are
+# classes local to `request_models`.
+from pathlib import Path
+from typing import Annotated, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from configs import Config
+from configs.serving import ServingConfig
+from trainers.exported import load_exported
+from trainers.recommender import DuplicateItemsError, Recommender, UnknownItemsError
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+"An item id as sent: a non-empty string (a JSON number is read as its decimal string)."
+STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+def request_models(limits: ServingConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request bodies, with the bounds of `limits` (classes are built per app for that)."""
+    History = Annotated[list[ItemId], Field(min_length=1, max_length=limits.max_history)]
+
+    class RecommendRequest(BaseModel):
+        model_config = STRICT
+        history: Optional[History] = None
+        "One history, oldest first, newest last."
+        histories: Optional[Annotated[list[History], Field(min_length=1, max_length=limits.max_batch)]] = None
+        "A batch of histories (instead of `history`)."
+        k: int = Field(10, ge=1, le=limits.max_k)
+        exclude: Annotated[list[ItemId], Field(max_length=limits.max_history)] = []
+        "Items never to recommend (besides each history's own)."
+
+        @model_validator(mode="after")
+        def one_of_history_or_histories(self):
+            if (self.history is None) == (self.histories is None):
+                raise ValueError("send exactly one of 'history' (a list of item ids) or 'histories' (a list of such lists)")
+            return self
+
+    class NewItem(BaseModel):
+        model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+        __pydantic_extra__: dict[str, Annotated[str, StringConstraints(max_length=10_000)]]
+        item_id: ItemId
+
+    class ItemsRequest(BaseModel):
+        model_config = STRICT
+        items: Annotated[list[NewItem], Field(min_length=1, max_length=limits.max_new_items)]
+
+    return RecommendRequest, ItemsRequest
+
+
+def _ranked(row: list[tuple[str, float]]) -> dict:
+    return {"items": [{"item_id": item_id, "score": score} for item_id, score in row]}
+
+
+def build_app(recommender: Recommender, limits: ServingConfig) -> FastAPI:
+    RecommendRequest, ItemsRequest = request_models(limits)
+    app = FastAPI(title="twotower", description="Two-tower recommendations from an exported model.")
+
+    @app.exception_handler(UnknownItemsError)
+    def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc), "unknown": exc.item_ids})
+
+    @app.exception_handler(DuplicateItemsError)
+    def duplicate_items(request: Request, exc: DuplicateItemsError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc), "existing": exc.item_ids})
+
+    @app.exception_handler(ValueError)
+    def bad_value(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.post("/recommend")
+    def recommend(body: RecommendRequest) -> dict:
+        histories = [body.history] if body.history is not None else body.histories
+        rows = recommender.recommend(histories, body.k, body.exclude)
+        return _ranked(rows[0]) if body.history is not None else {"results": [_ranked(row) for row in rows]}
+
+    @app.post("/items")
+    def add_items(body: ItemsRequest) -> dict:
+        records = [item.model_dump() for item in body.items]
+        return {"added": len(records), "items": recommender.add_items(records)}
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "items": len(recommender.items), "mode": recommender.mode,
+                "index": recommender.items.index_type}
+
+    return app
+
+
+def serve(cfg: Config, model_dir: str | Path, host: str, port: int, limits: ServingConfig) -> None:
+    """Load the export once, then serve until interrupted (SIGINT / SIGTERM stop it cleanly)."""
+    app = build_app(Recommender(load_exported(model_dir, cfg)), limits)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
