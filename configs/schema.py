@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from configs.serving import ServingConfig
+
 ITEM_MODES = ("id", "text", "id+text")
 
 
@@ -364,5 +366,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     seed: int = 0
     "Seed of model initialisation, sampling and shuffling."

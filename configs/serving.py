@@ -1,7 +1,6 @@
 """Settings of `twotower export` (which FAISS index) and `twotower serve` (request limits).
 
-Kept apart from `configs.schema` for now; wired in as `Config.serving: ServingConfig` they become
-`serving.*` keys like every other setting. Until then the CLI fills them from flags."""
+Part of `Config` as `serving.*` keys, like every other setting."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,9 +26,13 @@ class ServingConfig:
     "Most histories in one /recommend request."
     max_new_items: int = 1000
     "Most items in one /items request."
+    torch_threads: int = 1
+    "torch intra-op threads in `serve` (0: torch's default); requests already run in parallel, so more oversubscribes the cores."
 
     def __post_init__(self) -> None:
         for key in ("hnsw_min_items", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
                     "max_k", "max_history", "max_batch", "max_new_items"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"serving.{key}={getattr(self, key)!r}: expected a positive number")
+        if self.torch_threads < 0:
+            raise ValueError(f"serving.torch_threads={self.torch_threads!r}: expected 0 (torch's default) or more")

@@ -23,15 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs.schema import Config
 from datamodules.prepare import read_manifest
-
-
-def read_all(urls: list[str]) -> list[dict]:
-    """Every sample of these shards, decoded, in file order, on every rank. (`shards.read_all` goes
-    through `wds.WebDataset`, whose default node splitter refuses to run once torch.distributed is
-    up; evaluation users and the catalogue are wanted whole on every rank, then shared out here.)"""
-    if not urls:
-        return []
-    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode()))
+from datamodules.sequences import pad_left
+from datamodules.shards import read_all
 
 
 @dataclass
@@ -68,17 +61,6 @@ def load_catalogue(folder: Path, manifest: dict) -> Catalogue:
         train_counts=torch.tensor([s["json"]["train_count"] for s in samples], dtype=torch.long),
         cold=torch.tensor([s["json"]["cold"] for s in samples], dtype=torch.bool),
     )
-
-
-def pad_left(seqs: list[np.ndarray], length: int | None = None) -> torch.Tensor:
-    """[B, L] long, newest item last, -1 where there is none; sequences longer than L keep their end."""
-    length = length or max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), length), -1, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        seq = seq[-length:]
-        if len(seq):
-            out[row, length - len(seq):] = torch.from_numpy(np.asarray(seq, dtype=np.int64))
-    return out
 
 
 def collate_training(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,14 +136,14 @@ def prepare(cfg: Config, force: bool = False) -> Path:
             "shards": {name: [f"{name}/{s}" for s in files] for name, files in shards.items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"prepare: wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Replace `out` with `tmp`; the old folder is removed only once the new one is in place."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():

@@ -18,7 +18,6 @@ def write_shards(folder: Path, prefix: str, samples: Iterable[dict], max_count: 
 
 
 def read_all(urls: list[str]) -> list[dict]:
-    """Every sample of these shards, decoded, in file order."""
-    if not urls:
-        return []
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    """Every sample of these shards, decoded, in file order, on every rank (no node or worker
+    splitting, unlike `wds.WebDataset`'s defaults once torch.distributed is up)."""
+    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode())) if urls else []

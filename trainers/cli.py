@@ -7,10 +7,6 @@ import sys
 from pathlib import Path
 
 from configs import ConfigError, load_config
-from configs.serving import ServingConfig
-
-SERVING_COMMANDS = ("export", "recommend", "serve")
-"A ValueError from these is bad input (unknown ids, a bad export folder): a message and exit 2."
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(export)
     export.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` (config: its run folder's config.yaml unless -c)")
     export.add_argument("--out", help="output folder (default: export/ in the checkpoint's run folder)")
-    export.add_argument("--hnsw-min-items", type=int, default=ServingConfig.hnsw_min_items,
-                        help="catalogues this large get an HNSW index instead of an exact one (default: %(default)s)")
     recommend = commands.add_parser("recommend", help="top-K items for a history, from an exported model")
     _add_config_args(recommend)
     recommend.add_argument("--model", required=True, help="a folder written by `twotower export`")
@@ -90,23 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             from trainers.export import export
 
             out = args.out or Path(args.checkpoint).resolve().parent.parent / "export"
-            export(cfg, args.checkpoint, out, ServingConfig(hnsw_min_items=args.hnsw_min_items))
+            export(cfg, args.checkpoint, out, cfg.serving)
         elif args.command == "recommend":
             from trainers.recommend import read_histories, recommend_once
 
-            if not 1 <= args.k <= ServingConfig.max_k:
-                raise ValueError(f"--k={args.k}: expected 1 <= k <= {ServingConfig.max_k}")
             recommend_once(cfg, args.model, read_histories(args.history, args.json), args.k, args.skip_unknown)
         elif args.command == "serve":
             from trainers.serve import serve
 
-            serve(cfg, args.model, args.host, args.port, ServingConfig())
+            serve(cfg, args.model, args.host, args.port, cfg.serving)
     except DataError as exc:
         print(f"twotower {args.command}: data error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        if args.command not in SERVING_COMMANDS:
-            raise
         print(f"twotower {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,8 @@
 ranked with exactly the same protocol and code as the model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 
@@ -9,12 +11,16 @@ from configs import Config, from_container
 from datamodules.datamodule import ShardDataModule
 from modules.lit_two_tower import TwoTowerModule
 from modules.metrics import metric_sums
-from trainers.run_folder import metrics_table
+from trainers.checkpoints import consolidate_checkpoint
+from trainers.run_folder import metrics_table, without_prefix
 
 
 def load_module(checkpoint: str, data: ShardDataModule) -> TwoTowerModule:
-    """A trained module from a Lightning checkpoint, wired to the catalogue of `data`."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """A trained module from a Lightning checkpoint (a file, or a DeepSpeed folder), wired to the
+    catalogue of `data`."""
+    if not Path(checkpoint).exists():
+        raise ValueError(f"checkpoint {checkpoint} not found (a .ckpt written by `twotower fit`)")
+    state = consolidate_checkpoint(checkpoint)
     cfg = from_container(state["hyper_parameters"]["config"])
     if state["hyper_parameters"]["num_items"] != data.num_items:
         raise ValueError(f"{checkpoint}: trained on {state['hyper_parameters']['num_items']} items, {data.folder} has {data.num_items}")
@@ -45,6 +51,5 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, f
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.test(module, dataloaders=data.eval_dataloader(split), verbose=False)[0]
     baseline = popularity_metrics(data, split)
-    strip = lambda m: {k.split("/", 1)[1]: v for k, v in m.items()}  # noqa: E731
-    print(metrics_table({f"model ({split})": strip(metrics), f"popularity ({split})": strip(baseline)}, cfg.eval.ks))
+    print(metrics_table({f"model ({split})": without_prefix(metrics), f"popularity ({split})": without_prefix(baseline)}, cfg.eval.ks))
     return metrics

@@ -15,7 +15,7 @@ from configs import Config, to_yaml
 from configs.serving import ServingConfig
 from datamodules.datamodule import ShardDataModule
 from datamodules.item_text import load_tokenizer
-from datamodules.prepare import _swap_into_place
+from datamodules.prepare import swap_into_place
 from trainers.evaluate import load_module
 from trainers.exported import ENCODER_PREFIX, FORMAT_VERSION, Exported
 from trainers.item_index import build_index
@@ -23,8 +23,6 @@ from trainers.item_index import build_index
 
 def export(cfg: Config, checkpoint: str, out: str | Path, serving: ServingConfig) -> Path:
     """Restore `checkpoint` on the catalogue of `cfg.data.dir`, encode every item and write the folder."""
-    if not Path(checkpoint).is_file():
-        raise ValueError(f"checkpoint {checkpoint} not found (a .ckpt file written by `twotower fit`)")
     data = ShardDataModule(cfg)
     module = load_module(checkpoint, data)
     model, trained = module.model, module.cfg  # the checkpoint's own config describes its model
@@ -64,7 +62,9 @@ def write_exported(out: Path, exported: Exported, checkpoint: str) -> Path:
         meta = {"format_version": FORMAT_VERSION, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
                 "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        for path in tmp.rglob("*"):  # readable by a serving user other than the exporter
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -20,7 +20,7 @@ from datamodules.prepare import prepare
 from modules.lit_two_tower import TwoTowerModule
 from trainers.checkpoints import consolidate_checkpoint, is_deepspeed_checkpoint, resolve_resume
 from trainers.evaluate import popularity_metrics
-from trainers.run_folder import metrics_table, plot_curves, write_atomic, write_json
+from trainers.run_folder import metrics_table, plot_curves, without_prefix, write_atomic, write_json
 from trainers.strategies import build_strategy
 
 MONITOR = "val/ndcg@10"
@@ -137,8 +137,8 @@ def fit(cfg: Config) -> dict[str, float]:
         baseline = popularity_metrics(data, split)
         summary.update(model_metrics)
         summary.update({f"popularity/{k}": v for k, v in baseline.items()})
-        rows[f"{cfg.model.mode} ({split})"] = {k.split("/", 1)[1]: v for k, v in model_metrics.items()}
-        rows[f"popularity ({split})"] = {k.split("/", 1)[1]: v for k, v in baseline.items()}
+        rows[f"{cfg.model.mode} ({split})"] = without_prefix(model_metrics)
+        rows[f"popularity ({split})"] = without_prefix(baseline)
     summary["wall_s"] = time.time() - started
     summary["epochs"] = trainer.current_epoch
     summary["steps"] = trainer.global_step

@@ -69,6 +69,15 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+class DuplicateItemsError(ValueError):
+    """New items whose ids the catalogue has already."""
+
+    def __init__(self, item_ids: list[str]):
+        super().__init__(f"item id(s) already in the catalogue: {', '.join(map(repr, item_ids[:20]))}"
+                         + (f" and {len(item_ids) - 20} more" if len(item_ids) > 20 else ""))
+        self.item_ids = item_ids
+
+
 class ItemIndex:
     """Item ids, their vectors and the FAISS index, in one order (item index = FAISS label).
 
@@ -117,8 +126,8 @@ class ItemIndex:
         return results
 
     def add(self, item_ids: list[str], vectors: torch.Tensor) -> int:
-        """Append items (ids new and distinct); returns the new catalogue size. Raises ValueError
-        naming ids that exist already."""
+        """Append items (ids new and distinct); returns the new catalogue size. Raises
+        DuplicateItemsError naming ids that exist already."""
         with self._lock.write():
             taken = [i for i in item_ids if i in self._position]
             if taken:
@@ -135,11 +144,3 @@ class ItemIndex:
             self._count = end
             return end
 
-
-class DuplicateItemsError(ValueError):
-    """New items whose ids the catalogue has already."""
-
-    def __init__(self, item_ids: list[str]):
-        super().__init__(f"item id(s) already in the catalogue: {', '.join(map(repr, item_ids[:20]))}"
-                         + (f" and {len(item_ids) - 20} more" if len(item_ids) > 20 else ""))
-        self.item_ids = item_ids

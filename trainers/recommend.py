@@ -24,9 +24,11 @@ def read_histories(history: str | None, json_file: str | None) -> list[list[str]
     return [[str(i) for i in h] for h in histories]
 
 
-def recommend_once(cfg: Config, model_dir: str, histories: list[list[str]], k: int, skip_unknown: bool) -> list[dict]:
+def recommend_once(cfg: Config, model_dir: str, histories: list[list[str]], k: int, skip_unknown: bool) -> None:
     """Print one `{"history": [...], "items": [{"item_id", "score"}, ...]}` line per history.
     Unknown ids raise UnknownItemsError, or with `skip_unknown` are dropped with a warning."""
+    if not 1 <= k <= cfg.serving.max_k:
+        raise ValueError(f"--k={k}: expected 1 <= k <= serving.max_k={cfg.serving.max_k}")
     recommender = Recommender(load_exported(model_dir, cfg))
     unknown = recommender.unknown([i for h in histories for i in h])
     if unknown and not skip_unknown:
@@ -38,8 +40,5 @@ def recommend_once(cfg: Config, model_dir: str, histories: list[list[str]], k: i
     empty = [n for n, h in enumerate(histories) if not h]
     if empty:
         raise ValueError(f"history number(s) {', '.join(str(n + 1) for n in empty)} hold no known item id")
-    rows = recommender.recommend(histories, k)
-    lines = [{"history": h, "items": [{"item_id": i, "score": s} for i, s in row]} for h, row in zip(histories, rows)]
-    for line in lines:
-        print(json.dumps(line))
-    return lines
+    for history, row in zip(histories, recommender.recommend(histories, k)):
+        print(json.dumps({"history": history, "items": [{"item_id": i, "score": s} for i, s in row]}))

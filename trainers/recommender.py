@@ -8,13 +8,14 @@ the score of an item is <user, item> / temperature, as `TwoTower.scores` compute
 from __future__ import annotations
 
 import threading
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from datamodules.datamodule import pad_left
+from datamodules.sequences import pad_left
 from datamodules.item_text import item_texts, tokenize
 from trainers.exported import Exported
 from trainers.item_index import DuplicateItemsError, ItemIndex
@@ -48,7 +49,7 @@ class Recommender:
             return self.items.positions(item_ids)[1]
 
     @torch.inference_mode()
-    def recommend(self, histories: list[list[str]], k: int, exclude: list[str] = ()) -> list[list[tuple[str, float]]]:
+    def recommend(self, histories: list[list[str]], k: int, exclude: Sequence[str] = ()) -> list[list[tuple[str, float]]]:
         """Top-k (item id, score) per history, best first; the history's items and `exclude` are
         never recommended. Raises UnknownItemsError naming every id not in the catalogue."""
         if not histories or any(not h for h in histories):

@@ -48,10 +48,15 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     tmp.replace(out_png)
 
 
+def without_prefix(metrics: dict[str, float]) -> dict[str, float]:
+    """`{"test/hr@10": x}` -> `{"hr@10": x}`."""
+    return {key.split("/", 1)[1]: value for key, value in metrics.items()}
+
+
 def metrics_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
     """A Markdown table: one row per system/split, HR/NDCG/MRR at each cut-off."""
     names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "mrr")]
-    lines = ["| | " + " | ".join(n.upper().replace("HR", "HR").replace("NDCG", "NDCG") for n in names) + " |",
+    lines = ["| | " + " | ".join(n.upper() for n in names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for label, metrics in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{metrics[n]:.4f}" for n in names) + " |")

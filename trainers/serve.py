@@ -14,6 +14,7 @@ FastAPI runs them on its thread pool: searches run in parallel, appends one at a
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -102,5 +103,7 @@ def build_app(recommender: Recommender, limits: ServingConfig) -> FastAPI:
 
 def serve(cfg: Config, model_dir: str | Path, host: str, port: int, limits: ServingConfig) -> None:
     """Load the export once, then serve until interrupted (SIGINT / SIGTERM stop it cleanly)."""
+    if limits.torch_threads:
+        torch.set_num_threads(limits.torch_threads)
     app = build_app(Recommender(load_exported(model_dir, cfg)), limits)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
