@@ -164,18 +164,14 @@ def base(tiny_bert, tmp_path_factory) -> list[str]:
             "trainer.warmup_steps=2", "model.loss.num_negatives=32", f"data.dir={data}", *TWO_CPU]
 
 
-ONE_PROCESS = ["trainer.devices=1", "data.batch_size=128"]
-"The 2-rank runs' global batch (2 x 64) in one process: the same steps over the same data."
-
-
 @pytest.fixture(scope="module")
 def full_runs(base, tmp_path_factory) -> dict[str, Path]:
-    """Two epochs under each strategy, uninterrupted, and the same in one process."""
+    """Two epochs under each strategy, uninterrupted."""
     root = tmp_path_factory.mktemp("dist-runs")
-    for name, strategy in {**STRATEGIES, "single": ONE_PROCESS}.items():
+    for name, strategy in STRATEGIES.items():
         wandb = ["logger.wandb.mode=offline", f"run.name=dist-{name}"] if name == "ddp" else []
         _fit(base, root / name, *strategy, "trainer.max_epochs=2", *wandb)
-    return {name: root / name for name in [*STRATEGIES, "single"]}
+    return {name: root / name for name in STRATEGIES}
 
 
 def _summary(run: Path) -> dict:
@@ -192,12 +188,7 @@ def test_ddp_zero2_zero3_train_end_to_end_and_agree(full_runs):
     for name in ("zero2", "zero3"):
         for key in ("test/ndcg@10", "test/hr@20", "best/val/ndcg@10"):
             assert summaries[name][key] == pytest.approx(summaries["ddp"][key], abs=2e-3), (name, key)
-    assert summaries["ddp"]["steps"] == summaries["zero3"]["steps"] == summaries["single"]["steps"] > 0
-    # One process sees the same data in the same number of steps, but other shuffles and negatives:
-    # its metrics agree with the 2-rank runs' up to that sampling noise (measured once: best
-    # val NDCG@10 0.0536 in one process, 0.0569 under DDP/ZeRO-2/ZeRO-3).
-    for key in ("best/val/ndcg@10", "test/ndcg@10"):
-        assert summaries["single"][key] == pytest.approx(summaries["ddp"][key], abs=0.015), key
+    assert summaries["ddp"]["steps"] == summaries["zero3"]["steps"] > 0
 
     zero3 = full_runs["zero3"] / "checkpoints" / "best.ckpt"
     assert (zero3 / "checkpoint").is_dir()
