@@ -6,10 +6,10 @@ new item whose text repeats a history's items is recommended for that history, w
 encoder that knows which texts are alike (with the random BERT that is a coin flip)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from cli_runner import twotower
 
 MODEL_OVERRIDES = ["model.mode=id+text", "model.item.encoder=minilm", "model.item.train_layers=0", "trainer.max_epochs=1"]
 
@@ -24,10 +24,6 @@ class ExportedRun:
     @property
     def checkpoint(self) -> Path:
         return self.run / "checkpoints" / "best.ckpt"
-
-
-def twotower(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainers", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def exported_run(tiny_overrides: list[str], cache: Path) -> ExportedRun:

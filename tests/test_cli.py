@@ -1,17 +1,11 @@
 """The command line end to end, in subprocesses: fit writes a complete run folder (W&B offline),
 evaluate reproduces the test metrics from the checkpoint, and bad input fails cleanly."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_runner import twotower
 
 SUMMARY_KEYS = {f"test/{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (10, 20)}
-
-
-def twotower(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainers", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow

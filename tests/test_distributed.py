@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cli_runner import twotower
 from modules.losses import cross_rank_softmax_loss, softmax_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,12 +132,6 @@ def test_too_few_shards_without_resampling_is_a_clear_error(tmp_path):
 
 
 # ---- end to end ------------------------------------------------------------------------------
-def twotower(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "trainers", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_threads=1"]
 
 
@@ -149,7 +141,7 @@ STRATEGIES = {"ddp": ["trainer.strategy=ddp"],
 
 
 def _fit(overrides: list[str], run: Path, *extra: str) -> dict:
-    result = twotower("fit", *overrides, f"run.dir={run}", *extra, cwd=run.parent)
+    result = twotower("fit", *overrides, f"run.dir={run}", *extra, cwd=run.parent, timeout=300, threads=1)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((run / "summary.json").read_text())
 

@@ -15,7 +15,8 @@ from configs.serving import ServingConfig
 from datamodules.datamodule import ShardDataModule
 from datamodules.sequences import pad_left
 from datamodules.item_text import load_tokenizer
-from exported_run import exported_run, twotower
+from cli_runner import twotower
+from exported_run import exported_run
 from modules.two_tower import TwoTower
 from trainers.evaluate import load_module
 from trainers.export import write_exported
