@@ -77,16 +77,44 @@ def _slurm_running() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _slurm_running(), reason="no live SLURM here (see /work/shared/SLURM-LOCAL.md to start a one-node cluster)")
+@pytest.mark.skipif(not _slurm_running(), reason="no live SLURM here (launch/slurm_local.sh start DIR; see /work/shared/SLURM-LOCAL.md)")
 def test_sbatch_on_a_live_one_node_cluster(tiny_overrides, tmp_path):
-    """Two srun tasks on one node: Lightning's SLURMEnvironment sees ranks 0 and 1 of 2."""
+    """Two srun tasks on one node: each task is a rank of the srun world (SLURM_PROCID 0 and 1 of 2,
+    SLURM_LOCALID 0 and 1), Lightning's SLURMEnvironment trains with that world, rank 0 writes
+    summary.json. The real script, less its GPU and CPU requests (the node has 2 CPUs, no GPU)."""
     script = tmp_path / "job.sbatch"
     text = (ROOT / "launch" / "slurm.sbatch").read_text()
-    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line))
+    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line) + "\n")
+    # $PYTHON as each srun task sees it: records the task's SLURM world, then runs the real interpreter.
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n'
+                      f'echo "$SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID" > "{ranks}/$SLURM_PROCID"\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     out = tmp_path / "slurm.out"
-    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
-    submit = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", f"--output={out}", f"--chdir={ROOT}", str(script),
-                             *tiny_overrides, "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.num_threads=1"],
-                            capture_output=True, text=True, timeout=400, env=env)
-    assert submit.returncode == 0, submit.stderr + out.read_text()[-4000:]
+    env = {**os.environ, "PYTHON": str(python), "HF_HUB_OFFLINE": "1"}
+    env.pop("MASTER_PORT", None)
+    submit = subprocess.Popen(["sbatch", "--parsable", "--wait", "--time=8", "--ntasks-per-node=2", f"--output={out}",
+                               f"--chdir={ROOT}", str(script),
+                               *tiny_overrides, "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.num_threads=1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = submit.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        submit.kill()
+        stdout, stderr = submit.communicate()
+        job = stdout.strip().split(";")[0]
+        if job:
+            subprocess.run(["scancel", job], timeout=30)
+        log = out.read_text()[-4000:] if out.exists() else ""
+        pytest.fail(f"job {job or '?'} still running after 420 s (cancelled)\n{log}")
+    log = out.read_text() if out.exists() else ""
+    assert submit.returncode == 0, stderr + log[-4000:]
+    assert "twotower: 1 node(s) x 2 task(s)" in log, log[-4000:]
+    seen = sorted((path.read_text().split() for path in ranks.iterdir()), key=lambda row: row[0])
+    job = stdout.strip().split(";")[0]
+    assert seen == [["0", "0", "2", job], ["1", "1", "2", job]], seen
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log, log[-4000:]  # Lightning's world: 2 processes
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] > 0
