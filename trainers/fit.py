@@ -92,6 +92,25 @@ def test_checkpoint(trainer: pl.Trainer, best: str | None, run_dir: Path) -> str
     return best
 
 
+def build_trainer(cfg: Config, run_dir: Path, loggers: list, max_epochs: int) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Trainer of `fit` and `update`: strategy and precision from `cfg.trainer`, the best and
+    last checkpoints (by val/ndcg@10) in `run_dir/checkpoints/`, early stopping when configured."""
+    t = cfg.trainer
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
+    callbacks = [checkpoint]
+    if t.patience:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience))
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
+        precision=t.precision, max_epochs=max_epochs, use_distributed_sampler=False,  # eval shares: ShardDataModule
+        max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val or None,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), enable_model_summary=False,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+    return trainer, checkpoint
+
+
 def fit(cfg: Config) -> dict[str, float]:
     started = time.time()
     if cfg.trainer.num_threads:
@@ -107,22 +126,10 @@ def fit(cfg: Config) -> dict[str, float]:
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
 
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
-    callbacks = [checkpoint]
-    if cfg.trainer.patience:
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience))
     t = cfg.trainer
     resume = resolve_resume(t.resume, run_dir)
-    loggers = build_loggers(cfg, run_dir, resuming=resume is not None)
-    trainer = pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
-        precision=t.precision, max_epochs=t.max_epochs, use_distributed_sampler=False,  # eval shares: ShardDataModule
-        max_steps=t.max_steps, gradient_clip_val=t.gradient_clip_val or None,
-        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
-        callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=False,
-    )
-    for logger in loggers:
+    trainer, checkpoint = build_trainer(cfg, run_dir, build_loggers(cfg, run_dir, resuming=resume is not None), t.max_epochs)
+    for logger in trainer.loggers:
         logger.log_metrics(parameter_counts(module), step=0)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
