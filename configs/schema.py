@@ -83,13 +83,17 @@ class DataConfig:
     name: str = "synthetic"
     "Name of the data set; the prepared shards go to `data.dir`."
     source: str = "synthetic"
-    "synthetic (built in, no download) | table (CSV/Parquet/JSONL files) | movielens (native ML-100K/1M folder)."
+    "synthetic (built in, no download) | table (CSV/Parquet/JSONL files) | movielens (native ML-100K/1M folder) | amazon (Amazon Reviews 2018/2023 JSON Lines)."
     path: Optional[str] = None
     "movielens: the folder with u.data/u.item or ratings.dat/movies.dat."
     interactions: Optional[str] = None
     "table: the interactions file (.csv, .parquet, .jsonl)."
     items: Optional[str] = None
     "table: the items file (.csv, .parquet, .jsonl) with `item_id` and text fields."
+    reviews: Optional[str] = None
+    "amazon: the reviews file (JSON Lines, plain or gzipped), 2018 or 2023 release (told apart by its fields)."
+    metadata: Optional[str] = None
+    "amazon: the item metadata file of the same release (JSON Lines, plain or gzipped); see datamodules/amazon.py."
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     "table: column names of the interactions file."
     item_id_column: str = "item_id"
@@ -100,6 +104,10 @@ class DataConfig:
     "raise: stop at the first bad row, naming file, row and problem | skip: drop it and count it in the manifest."
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     "The built-in generator's settings (source=synthetic)."
+    since: Optional[float] = None
+    "Keep only interactions at or after this time (epoch seconds; null: no bound). With `prepare --append`: the new time window."
+    until: Optional[float] = None
+    "Keep only interactions before this time (epoch seconds; null: no bound)."
     dir: str = "data/${data.name}"
     "Folder of the prepared shards and manifest.json."
     max_text_len: int = 32
@@ -120,17 +128,21 @@ class DataConfig:
     "Training shards: true: each rank/worker draws shards with replacement (any shard count works) | false: shards are split by node and worker, each read once per pass (needs at least ranks x workers shards) | null: resample when more than one rank trains. Either way every rank gets the same number of batches per epoch."
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, ("synthetic", "table", "movielens"))
+        _check_choice("data.source", self.source, ("synthetic", "table", "movielens", "amazon"))
         _check_choice("data.on_bad_row", self.on_bad_row, ("raise", "skip"))
         if self.source == "table" and not (self.interactions and self.items):
             raise ValueError("data.source=table needs data.interactions and data.items (file paths)")
         if self.source == "movielens" and not self.path:
             raise ValueError("data.source=movielens needs data.path (the MovieLens folder)")
+        if self.source == "amazon" and not (self.reviews and self.metadata):
+            raise ValueError("data.source=amazon needs data.reviews and data.metadata (file paths)")
         if not self.text_fields:
             raise ValueError("data.text_fields: expected at least one field name")
         for key in ("max_text_len", "shard_max_count", "max_len", "batch_size", "eval_batch_size", "shuffle_buffer"):
             _check_positive(f"data.{key}", getattr(self, key))
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError(f"data.since={self.since} must be before data.until={self.until}")
 
 
 @dataclass
@@ -307,6 +319,25 @@ class TrainerConfig:
 
 
 @dataclass
+class UpdateConfig:
+    """`twotower update`: continue training a checkpoint on data appended by `prepare --append`."""
+
+    epochs: int = 3
+    "Epochs over the users with new interactions (plus the replay share); the best by val/ndcg@10 of the new window is kept."
+    replay_fraction: float = 0.3
+    "Share of each update epoch's sequences drawn from users without new interactions (against forgetting)."
+    lr: Optional[float] = None
+    "Learning rate of the update (null: trainer.lr); the optimizer starts fresh, with trainer.warmup_steps."
+
+    def __post_init__(self) -> None:
+        _check_positive("update.epochs", self.epochs)
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"update.replay_fraction={self.replay_fraction}: expected 0 <= x < 1")
+        if self.lr is not None:
+            _check_positive("update.lr", self.lr)
+
+
+@dataclass
 class EvalConfig:
     """Full-catalogue ranking (SPEC.md)."""
 
@@ -366,6 +397,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     seed: int = 0
     "Seed of model initialisation, sampling and shuffling."

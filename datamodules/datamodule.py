@@ -76,11 +76,13 @@ class TrainSequences(IterableDataset):
     same on every rank and changes per epoch, are dealt to the `world_size * workers` streams
     round-robin; this needs at least one shard per stream. `batches_per_epoch` (per rank): when set,
     each stream repeats its shards as needed and stops after its share of that many batches, so all
-    ranks step in lockstep; when None (one rank, no resampling), an epoch is one exact pass."""
+    ranks step in lockstep; when None (one rank, no resampling), an epoch is one exact pass.
+    `replay` (for `twotower update`): sequences not marked new are kept with this probability
+    (drawn afresh each epoch); None keeps every sequence."""
 
     def __init__(self, urls: list[str], max_len: int, batch_size: int, shuffle_buffer: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, resample: bool = False,
-                 batches_per_epoch: int | None = None, epoch: int = 0):
+                 batches_per_epoch: int | None = None, epoch: int = 0, replay: float | None = None):
         streams = world_size * max(1, num_workers)
         if not resample and len(urls) < streams:
             raise ValueError(f"{len(urls)} training shard(s) for {world_size} rank(s) x {max(1, num_workers)} worker(s): "
@@ -91,6 +93,7 @@ class TrainSequences(IterableDataset):
         self.rank, self.world_size, self.resample = rank, world_size, resample
         self.batches_per_epoch = batches_per_epoch
         self.epoch = epoch
+        self.replay = replay
 
     def _shards(self, epoch: int, stream: int, streams: int):
         """URLs (as WebDataset source dicts) this stream reads this epoch."""
@@ -109,11 +112,13 @@ class TrainSequences(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream, streams = self.rank * workers + worker, self.world_size * workers
+        replay = random.Random(f"replay/{self.seed}/{epoch}/{stream}")
         pipeline = wds.DataPipeline(
             lambda: self._shards(epoch, stream, streams),
             wds.tarfile_to_samples(),
             wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, stream))),
             wds.decode(),
+            wds.select(lambda sample: self.replay is None or sample["json"].get("new", True) or replay.random() < self.replay),
             wds.map(lambda sample: sample["seq.npy"][-(self.max_len + 1):]),
             wds.select(lambda seq: len(seq) >= 2),
             wds.batched(self.batch_size, collation_fn=collate_training, partial=self.batches_per_epoch is None),
@@ -148,12 +153,19 @@ class EvalCases(torch.utils.data.Dataset):
 
 
 class ShardDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: Config, test_split: str = "test"):
+    """`window=True` (for `twotower update`): train on the sequences of users active in the newest
+    appended window plus a replay share (`update.replay_fraction`) of the others, and validate on
+    that window (`valid_window`)."""
+
+    def __init__(self, cfg: Config, test_split: str = "test", window: bool = False):
         super().__init__()
-        self.cfg, self.folder, self.test_split = cfg, Path(cfg.data.dir), test_split
+        self.cfg, self.folder, self.test_split, self.window = cfg, Path(cfg.data.dir), test_split, window
         self.manifest = read_manifest(self.folder)
         if self.manifest is None:
             raise FileNotFoundError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config first")
+        if window and "window" not in self.manifest:
+            raise ValueError(f"{self.folder}: no appended data to update on; add it with `twotower prepare --append` "
+                             "(e.g. data.since=<start of the new window>) first")
         self.catalogue = load_catalogue(self.folder, self.manifest)
         self._cases: dict[str, list[dict]] = {}
 
@@ -171,16 +183,28 @@ class ShardDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _replay(self) -> tuple[float | None, int]:
+        """(keep probability of sequences not marked new, or None: all; expected sequences per epoch)."""
+        users = self.manifest["counts"]["train_users"]
+        if not self.window:
+            return None, users
+        new = self.manifest["window"]["new_users"]
+        share = self.cfg.update.replay_fraction
+        wanted = new * share / (1 - share)  # replayed / (new + replayed) = share
+        keep = min(1.0, wanted / max(users - new, 1))
+        return keep, max(1, round(new + keep * (users - new)))
+
     def train_dataset(self, rank: int = 0, world_size: int = 1, epoch: int = 0) -> TrainSequences:
         data = self.cfg.data
         resample = data.resample if data.resample is not None else world_size > 1
+        replay, sequences = self._replay()
         batches = None
         if world_size > 1 or resample:
             # One epoch ~ every training user once over all ranks, rounded up to whole batches.
-            batches = max(1, math.ceil(self.manifest["counts"]["train_users"] / (data.batch_size * world_size)))
+            batches = max(1, math.ceil(sequences / (data.batch_size * world_size)))
         return TrainSequences([str(self.folder / s) for s in self.manifest["shards"]["train"]], data.max_len,
                               data.batch_size, data.shuffle_buffer, self.cfg.seed, rank, world_size, data.num_workers,
-                              resample, batches, epoch)
+                              resample, batches, epoch, replay)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
@@ -201,7 +225,8 @@ class ShardDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, collate_fn=dataset.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("valid", self.cfg.trainer.limit_val_users, *self._rank())
+        split = "valid_window" if self.window else "valid"
+        return self.eval_dataloader(split, self.cfg.trainer.limit_val_users, *self._rank())
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.test_split, 0, *self._rank())

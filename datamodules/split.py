@@ -22,6 +22,8 @@ class EvalCase:
     history: np.ndarray
     "Item indices before the target, oldest first."
     target: int
+    time: float = 0.0
+    "When the target interaction happened (the interactions' timestamp)."
 
 
 @dataclass
@@ -55,28 +57,29 @@ def leave_one_out(interactions: pd.DataFrame, item_index: pd.Series, cfg: SplitC
 
     users = frame["user"].to_numpy()
     items = frame["item"].to_numpy()
+    times = frame["time"].to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
 
     train, valid, test, cold = [], [], [], []
     dropped = 0
     for start, end in zip(starts, ends):
-        user, seq = str(users[start]), items[start:end]
+        user, seq, when = str(users[start]), items[start:end], times[start:end]
         if len(seq) < cfg.min_interactions:
             dropped += 1
             continue
         is_cold = cold_items[seq]
-        warm = seq[~is_cold]
+        warm, warm_when = seq[~is_cold], when[~is_cold]
         if is_cold.any():
             first = int(np.argmax(is_cold))
             if first > 0:
-                cold.append(EvalCase(user, seq[:first].copy(), int(seq[first])))
+                cold.append(EvalCase(user, seq[:first].copy(), int(seq[first]), float(when[first])))
         if len(warm) < cfg.min_interactions:
             dropped += 1
             continue
         train.append((user, warm[:-2].copy()))
-        valid.append(EvalCase(user, warm[:-2].copy(), int(warm[-2])))
-        test.append(EvalCase(user, warm[:-1].copy(), int(warm[-1])))
+        valid.append(EvalCase(user, warm[:-2].copy(), int(warm[-2]), float(warm_when[-2])))
+        test.append(EvalCase(user, warm[:-1].copy(), int(warm[-1]), float(warm_when[-1])))
 
     train_counts = np.bincount(np.concatenate([s for _, s in train]) if train else np.zeros(0, int), minlength=num_items)
     return Split(train, valid, test, cold, cold_items, train_counts, dropped)

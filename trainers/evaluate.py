@@ -2,6 +2,7 @@
 ranked with exactly the same protocol and code as the model."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,17 +16,25 @@ from trainers.checkpoints import consolidate_checkpoint
 from trainers.run_folder import metrics_table, without_prefix
 
 
-def load_module(checkpoint: str, data: ShardDataModule) -> TwoTowerModule:
+def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = None, new_items: bool = False) -> TwoTowerModule:
     """A trained module from a Lightning checkpoint (a file, or a DeepSpeed folder), wired to the
-    catalogue of `data`."""
+    catalogue of `data`. Its config is the checkpoint's own, or `cfg` with the checkpoint's
+    `model` section. `new_items`: the catalogue may have grown since (`prepare --append`); items
+    past the trained ones get freshly initialised ID embeddings (their text vectors need nothing)."""
     if not Path(checkpoint).exists():
         raise ValueError(f"checkpoint {checkpoint} not found (a .ckpt written by `twotower fit`)")
     state = consolidate_checkpoint(checkpoint)
-    cfg = from_container(state["hyper_parameters"]["config"])
-    if state["hyper_parameters"]["num_items"] != data.num_items:
-        raise ValueError(f"{checkpoint}: trained on {state['hyper_parameters']['num_items']} items, {data.folder} has {data.num_items}")
+    trained = from_container(state["hyper_parameters"]["config"])
+    cfg = trained if cfg is None else replace(cfg, model=trained.model)
+    trained_items = state["hyper_parameters"]["num_items"]
+    if trained_items != data.num_items and not (new_items and trained_items < data.num_items):
+        raise ValueError(f"{checkpoint}: trained on {trained_items} items, {data.folder} has {data.num_items}")
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
-    module.load_state_dict(state["state_dict"])
+    weights = state["state_dict"]
+    for key, fresh in module.state_dict().items():
+        if key in weights and weights[key].shape[0] == trained_items < fresh.shape[0] and key.endswith("id_embedding.weight"):
+            weights[key] = torch.cat([weights[key], fresh[trained_items:]])
+    module.load_state_dict(weights)
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
     return module.eval()
 
