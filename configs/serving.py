@@ -26,13 +26,22 @@ class ServingConfig:
     "Most histories in one /recommend request."
     max_new_items: int = 1000
     "Most items in one /items request."
+    max_body_bytes: int = 1 << 20
+    "Largest request body (bytes); a larger one gets 413 before it is read or parsed. Raise it for big /items batches."
+    reload_interval_s: float = 2.0
+    "`serve` checks its export folder for a newer export this often (seconds) and swaps to it; 0: never."
     torch_threads: int = 1
     "torch intra-op threads in `serve` (0: torch's default); requests already run in parallel, so more oversubscribes the cores."
+    search_threads: int = 1
+    "FAISS (OpenMP) threads in `serve` (0: FAISS's default, every core). One search is one query, and requests already run in parallel: more threads only spin (10x the CPU of a 10k-item search on 2 cores, bench/serve.py)."
 
     def __post_init__(self) -> None:
         for key in ("hnsw_min_items", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                    "max_k", "max_history", "max_batch", "max_new_items"):
+                    "max_k", "max_history", "max_batch", "max_new_items", "max_body_bytes"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"serving.{key}={getattr(self, key)!r}: expected a positive number")
-        if self.torch_threads < 0:
-            raise ValueError(f"serving.torch_threads={self.torch_threads!r}: expected 0 (torch's default) or more")
+        if self.reload_interval_s < 0:
+            raise ValueError(f"serving.reload_interval_s={self.reload_interval_s!r}: expected 0 (off) or more seconds")
+        for key in ("torch_threads", "search_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"serving.{key}={getattr(self, key)!r}: expected 0 (the library's default) or more")

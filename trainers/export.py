@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import faiss
@@ -59,7 +60,7 @@ def write_exported(out: Path, exported: Exported, checkpoint: str) -> Path:
                   tmp / "item_tokens.safetensors")
         save_file({"vectors": exported.vectors.cpu().contiguous()}, tmp / "item_vectors.safetensors")
         faiss.write_index(exported.index, str(tmp / "items.faiss"))
-        meta = {"format_version": FORMAT_VERSION, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
+        meta = {"format_version": FORMAT_VERSION, "export_id": uuid.uuid4().hex, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
                 "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         for path in tmp.rglob("*"):  # readable by a serving user other than the exporter

@@ -4,7 +4,7 @@ Reading needs torch, transformers, safetensors and faiss, but neither Lightning 
 a serving machine installs only what inference needs. Layout of `DIR/`:
 
     config.yaml               the resolved training config (model, text fields, max_len ...)
-    export.json               format version, source checkpoint, counts, index type
+    export.json               format version, export id, source checkpoint, counts, index type
     item_encoder/             the item tower's BERT (`save_pretrained`) and its tokenizer (text modes)
     towers.safetensors        every other weight: projection, ID embeddings, user tower
     item_ids.json             item index -> item id
@@ -47,6 +47,8 @@ class Exported:
     index: faiss.Index
     tokenizer: PreTrainedTokenizerBase | None
     "The item tower's tokenizer; None in id mode."
+    export_id: str = ""
+    "A fresh id per written export (in export.json): a server watching the folder reloads when it changes."
 
 
 @contextmanager
@@ -95,4 +97,5 @@ def load_exported(folder: str | Path, cfg: Config | None = None) -> Exported:
         vectors=load_file(folder / "item_vectors.safetensors")["vectors"],
         index=faiss.read_index(str(folder / "items.faiss")),
         tokenizer=load_tokenizer(str(folder / "item_encoder")) if uses_text else None,
+        export_id=meta.get("export_id", ""),
     )

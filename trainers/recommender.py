@@ -4,10 +4,16 @@ and new items embedded by the item tower and appended to the live index. Shared 
 
 The user vector comes from the history as given (newest last): the user tower reads the item
 vectors of its newest `data.max_len` items, exactly as in evaluation (`pad_left` to max_len), and
-the score of an item is <user, item> / temperature, as `TwoTower.scores` computes it."""
+the score of an item is <user, item> / temperature, as `TwoTower.scores` computes it.
+
+`swap` replaces the served model and catalogue with a newer export (`twotower update --export`)
+while requests run: each request reads one `Served` snapshot from start to end, so it is answered
+wholly by the old model or wholly by the new, and none waits or fails. Items added live since the
+old export was loaded are re-embedded by the new model and carried over."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -33,20 +39,61 @@ class UnknownItemsError(ValueError):
         self.item_ids = unique
 
 
+@dataclass(frozen=True)
+class Served:
+    """One exported model with its live catalogue."""
+
+    exported: Exported
+    items: ItemIndex
+
+    @classmethod
+    def of(cls, exported: Exported) -> "Served":
+        return cls(exported, ItemIndex(exported.item_ids, exported.vectors, exported.index))
+
+
 class Recommender:
     def __init__(self, exported: Exported):
-        self.cfg, self.model, self.tokenizer = exported.cfg, exported.model, exported.tokenizer
-        self.items = ItemIndex(exported.item_ids, exported.vectors, exported.index)
-        self._adding = threading.Lock()  # one append at a time (a fast tokenizer is not thread-safe)
+        self._served = Served.of(exported)
+        self._adding = threading.Lock()  # one append (or swap) at a time; a fast tokenizer is not thread-safe
+        self._added: list[dict[str, str]] = []  # items added live since the served export was loaded
+        self.swaps = 0
+
+    @property
+    def items(self) -> ItemIndex:
+        return self._served.items
+
+    @property
+    def cfg(self):
+        return self._served.exported.cfg
 
     @property
     def mode(self) -> str:
         return self.cfg.model.mode
 
+    @property
+    def export_id(self) -> str:
+        return self._served.exported.export_id
+
     def unknown(self, item_ids: list[str]) -> list[str]:
         """The ids in `item_ids` that are not in the catalogue."""
         with self.items.reading():
             return self.items.positions(item_ids)[1]
+
+    def swap(self, exported: Exported) -> int:
+        """Serve `exported` from now on; requests already running finish on the old one. Items
+        added live that the new export lacks are embedded by its item tower and added (in id mode
+        they cannot be, and are dropped). Returns how many were carried over."""
+        served = Served.of(exported)
+        with self._adding:
+            with served.items.reading():
+                carried = [r for r in self._added if served.items.positions([r["item_id"]])[1]]
+            if carried and exported.model.item_tower.uses_text:
+                self._embed_and_add(served, carried)
+            else:
+                carried = []
+            self._served, self._added = served, carried
+            self.swaps += 1
+        return len(carried)
 
     @torch.inference_mode()
     def recommend(self, histories: list[list[str]], k: int, exclude: Sequence[str] = ()) -> list[list[tuple[str, float]]]:
@@ -54,20 +101,22 @@ class Recommender:
         never recommended. Raises UnknownItemsError naming every id not in the catalogue."""
         if not histories or any(not h for h in histories):
             raise ValueError("every history needs at least one item id")
-        with self.items.reading():
+        served = self._served  # one snapshot for the whole request (see `swap`)
+        cfg, items = served.exported.cfg, served.items
+        with items.reading():
             positions, unknown = [], []
             for history in histories:
-                known, missing = self.items.positions(history)
+                known, missing = items.positions(history)
                 positions.append(known)
                 unknown += missing
-            excluded, missing = self.items.positions(list(exclude))
+            excluded, missing = items.positions(list(exclude))
             if unknown or missing:
                 raise UnknownItemsError(unknown + missing)
-            padded = pad_left([np.asarray(p, dtype=np.int64) for p in positions], self.cfg.data.max_len)
-            users = self.model.user_vectors(padded, self.items.vectors)
+            padded = pad_left([np.asarray(p, dtype=np.int64) for p in positions], cfg.data.max_len)
+            users = served.exported.model.user_vectors(padded, items.vectors)
             skip = [set(p) | set(excluded) for p in positions]
-            results = self.items.search(users.numpy(), k, skip)
-        temperature = self.cfg.model.loss.temperature
+            results = items.search(users.numpy(), k, skip)
+        temperature = cfg.model.loss.temperature
         return [[(item_id, score / temperature) for item_id, score in row] for row in results]
 
     @torch.inference_mode()
@@ -76,7 +125,7 @@ class Recommender:
         exactly as `prepare` and the tower see catalogue text, and append them to the index.
         Returns the new catalogue size. In id+text mode a new item has only its text vector (it
         has no learned ID embedding yet); in id mode it cannot be embedded at all."""
-        if not self.model.item_tower.uses_text:
+        if not self._served.exported.model.item_tower.uses_text:
             raise ValueError("model.mode=id: new items have no learned embedding and no text tower; "
                              "they become recommendable after retraining")
         fields = list(self.cfg.data.text_fields)
@@ -91,9 +140,20 @@ class Recommender:
         if problems:
             raise ValueError("; ".join(problems[:20]))
         with self._adding:
-            tokens = [torch.from_numpy(t.astype(np.int64)) for t in tokenize(self.tokenizer, texts, self.cfg.data.max_text_len)]
-            lengths = torch.tensor([len(t) for t in tokens])
-            input_ids = pad_sequence(tokens, batch_first=True, padding_value=0)
-            mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-            vectors = self.model.item_tower.encode_text(input_ids, mask)
-            return self.items.add(ids, vectors)  # raises DuplicateItemsError for ids it has
+            size = self._embed_and_add(self._served, records)
+            self._added += records
+            return size
+
+    @staticmethod
+    @torch.inference_mode()
+    def _embed_and_add(served: Served, records: list[dict[str, str]]) -> int:
+        """Tokenise and embed validated records with `served`'s item tower and add them to its
+        catalogue; raises DuplicateItemsError for ids it has. The caller holds `_adding`."""
+        exported, cfg = served.exported, served.exported.cfg
+        texts = item_texts(pd.DataFrame(records, columns=list(cfg.data.text_fields)), list(cfg.data.text_fields))
+        tokens = [torch.from_numpy(t.astype(np.int64)) for t in tokenize(exported.tokenizer, texts, cfg.data.max_text_len)]
+        lengths = torch.tensor([len(t) for t in tokens])
+        input_ids = pad_sequence(tokens, batch_first=True, padding_value=0)
+        mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        vectors = exported.model.item_tower.encode_text(input_ids, mask)
+        return served.items.add([r["item_id"] for r in records], vectors)

@@ -4,16 +4,22 @@
                      or {"histories": [[id, ...], ...], "k": 10}   -> top-k ids with scores
     POST /items      {"items": [{"item_id": ..., "title": ..., <other text fields>}]}
                      -> embedded by the item tower, searchable at once (no restart)
-    GET  /health     status, item count, model mode
+    GET  /health     status, item count, model mode, the served export's id and swap count
 
-Bad input is a 4xx with a message, never a 5xx: pydantic bounds sizes and k (422), unknown ids are
+The server follows its export folder: a newer export written there (`twotower export --out` or
+`update --export`) is loaded in the background and swapped in (`trainers.hot_reload`).
+
+Bad input is a 4xx with a message, never a 5xx: a body over serving.max_body_bytes is refused before
+it is read (413), pydantic bounds sizes and k (422), unknown ids are
 named (422), an id already in the catalogue is a conflict (409). Handlers are plain functions, so
 FastAPI runs them on its thread pool: searches run in parallel, appends one at a time."""
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' body types, which are
 # classes local to `request_models`.
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import faiss
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -22,7 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from configs import Config
 from configs.serving import ServingConfig
+from trainers.body_limit import BodySizeLimit
 from trainers.exported import load_exported
+from trainers.hot_reload import ExportWatcher
 from trainers.recommender import DuplicateItemsError, Recommender, UnknownItemsError
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
@@ -66,9 +74,22 @@ def _ranked(row: list[tuple[str, float]]) -> dict:
     return {"items": [{"item_id": item_id, "score": score} for item_id, score in row]}
 
 
-def build_app(recommender: Recommender, limits: ServingConfig) -> FastAPI:
+def build_app(recommender: Recommender, limits: ServingConfig, watch: str | Path | None = None) -> FastAPI:
+    """`watch`: the export folder to follow (`serving.reload_interval_s`): a newer export written
+    there is loaded in the background and swapped in without dropping requests."""
     RecommendRequest, ItemsRequest = request_models(limits)
-    app = FastAPI(title="twotower", description="Two-tower recommendations from an exported model.")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        watcher = ExportWatcher(recommender, watch, limits.reload_interval_s) if watch and limits.reload_interval_s else None
+        if watcher:
+            watcher.start()
+        yield
+        if watcher:
+            watcher.stop()
+
+    app = FastAPI(title="twotower", description="Two-tower recommendations from an exported model.", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)  # 413 before a large body is read
 
     @app.exception_handler(UnknownItemsError)
     def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
@@ -96,7 +117,7 @@ def build_app(recommender: Recommender, limits: ServingConfig) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "items": len(recommender.items), "mode": recommender.mode,
-                "index": recommender.items.index_type}
+                "index": recommender.items.index_type, "export_id": recommender.export_id, "swaps": recommender.swaps}
 
     return app
 
@@ -105,5 +126,7 @@ def serve(cfg: Config, model_dir: str | Path, host: str, port: int, limits: Serv
     """Load the export once, then serve until interrupted (SIGINT / SIGTERM stop it cleanly)."""
     if limits.torch_threads:
         torch.set_num_threads(limits.torch_threads)
-    app = build_app(Recommender(load_exported(model_dir, cfg)), limits)
+    if limits.search_threads:
+        faiss.omp_set_num_threads(limits.search_threads)
+    app = build_app(Recommender(load_exported(model_dir, cfg)), limits, watch=model_dir)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
