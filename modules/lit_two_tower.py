@@ -91,7 +91,10 @@ class TwoTowerModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.log_dict({"train/samples_per_s": batch[0].shape[0] / elapsed, "train/peak_rss_mb": rss_mb}, batch_size=batch[0].shape[0])
+        metrics = {"train/samples_per_s": batch[0].shape[0] / elapsed, "train/peak_rss_mb": rss_mb}  # per device (rank)
+        if self.device.type == "cuda":
+            metrics["train/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.log_dict(metrics, batch_size=batch[0].shape[0])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]

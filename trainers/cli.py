@@ -96,8 +96,20 @@ def _sweep_or_compare(args: argparse.Namespace) -> int:
         return 2
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`build_parser().parse_args`, except that key=value overrides may also follow options
+    (`twotower sweep FILE --parallel 2 key=value`): argparse alone fills a positional list once."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command in ("sweep", "compare"):
         return _sweep_or_compare(args)
     if args.command == "fit":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from modules.lit_two_tower import TwoTowerModule
 from trainers.checkpoints import consolidate_checkpoint, is_deepspeed_checkpoint, resolve_resume
 from trainers.evaluate import popularity_metrics
 from trainers.run_folder import metrics_table, plot_curves, without_prefix, write_atomic, write_json
+from trainers.run_info import run_info
 from trainers.strategies import build_strategy
 
 MONITOR = "val/ndcg@10"
@@ -37,13 +39,14 @@ def parameter_counts(module: TwoTowerModule) -> dict[str, int]:
 
 def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     """The W&B run id of this run folder: a resumed run continues the same W&B run. Every rank
-    computes one, but only rank 0's WandbLogger ever creates a run (Lightning's `rank_zero_experiment`)."""
+    computes one, but only rank 0's WandbLogger ever creates a run (Lightning's `rank_zero_experiment`).
+    Under `wandb agent` the id is the one the agent chose (`WANDB_RUN_ID`): the sweep waits for that run."""
     import secrets
 
     id_file = run_dir / ".wandb_id"
     if resuming and id_file.is_file():
         return id_file.read_text().strip()
-    run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)  # W&B ids: lowercase letters and digits
     if rank_zero_only.rank == 0:
         write_atomic(id_file, run_id)
     return run_id
@@ -60,6 +63,17 @@ def build_loggers(cfg: Config, run_dir: Path, resuming: bool = False) -> list:
                                    tags=list(wandb.tags), mode=wandb.mode, save_dir=str(run_dir),
                                    config=OmegaConf.to_container(OmegaConf.structured(cfg))))
     return loggers
+
+
+def finish_wandb(loggers: list, summary: dict[str, float], info: dict) -> None:
+    """W&B gets what the run folder has: run_info.json (seed, git, packages) in its config, and
+    summary.json's metrics, under the same names, in its summary. `val/ndcg@10` there is the best
+    epoch's value (the checkpoint's, what `compare` ranks by), not the last: a W&B sweep ranks runs
+    by that summary value. Call on global rank 0 only."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.config.update({"run_info": {k: v for k, v in info.items() if k != "config"}}, allow_val_change=True)
+            logger.experiment.summary.update({**summary, MONITOR: summary["best/" + MONITOR]})
 
 
 @contextmanager
@@ -118,6 +132,9 @@ def fit(cfg: Config) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run.dir)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    info = run_info(cfg)
+    if rank_zero_only.rank == 0:
+        write_json(run_dir / "run_info.json", info)
 
     data_dir = Path(cfg.data.dir)
     with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
@@ -151,6 +168,7 @@ def fit(cfg: Config) -> dict[str, float]:
     summary["steps"] = trainer.global_step
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
+        finish_wandb(trainer.loggers, summary, info)
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
         print(f"\n{metrics_table(rows, cfg.eval.ks)}\n\nrun folder: {run_dir}  ({summary['wall_s']:.0f}s)")
     return summary
