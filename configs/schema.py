@@ -102,6 +102,8 @@ class DataConfig:
     "Item fields joined, in this order and each with its name, into the text the item tower reads."
     on_bad_row: str = "raise"
     "raise: stop at the first bad row, naming file, row and problem | skip: drop it and count it in the manifest."
+    on_error: str = "raise"
+    "Prepared shards that cannot be read (missing, truncated, a member that does not decode, counts that disagree with manifest.json): raise: stop, naming file and member | skip: drop what cannot be read, log it and count it in summary.json (`data/skipped_samples`, `data/skipped_shards`; details in data_faults.json). Item shards are never skipped."
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     "The built-in generator's settings (source=synthetic)."
     since: Optional[float] = None
@@ -130,6 +132,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("synthetic", "table", "movielens", "amazon"))
         _check_choice("data.on_bad_row", self.on_bad_row, ("raise", "skip"))
+        _check_choice("data.on_error", self.on_error, ("raise", "skip"))
         if self.source == "table" and not (self.interactions and self.items):
             raise ValueError("data.source=table needs data.interactions and data.items (file paths)")
         if self.source == "movielens" and not self.path:

@@ -6,25 +6,35 @@ also changes every epoch. Under DDP/DeepSpeed every rank must run exactly the sa
 or the gradient all-reduce hangs, so with more than one rank each stream is endless (shards drawn
 with replacement, or its own share of shards cycled) and is cut at a fixed number of batches, the
 same on every rank (open_clip's `with_epoch`). Evaluation cases and the item catalogue are small
-and are read whole; each rank ranks a disjoint share of the users, padded to equal batch counts."""
+and are read whole; each rank ranks a disjoint share of the users, padded to equal batch counts.
+
+Damaged shards (`datamodules.shards`): missing shards and a manifest that disagrees with the folder
+are found before training, alike on every rank; under `data.on_error=skip` every rank then deals
+the same remaining shards. A sample that cannot be read is dropped inside one stream, which reads
+on (its shards repeat) until it has its batches, so the batch counts stay equal; a stream whose
+every shard is unreadable stops with an error rather than spin."""
 from __future__ import annotations
 
 import itertools
 import math
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs.schema import Config
 from datamodules.prepare import read_manifest
+from datamodules.readers import DataError
 from datamodules.sequences import pad_left
-from datamodules.shards import read_all
+from datamodules.shards import (Fault, Faults, ShardError, ShardReader, check_manifest, fault_counts, read_all,
+                                read_fault_logs, shard_counts, split_reader)
 
 
 @dataclass
@@ -45,10 +55,16 @@ class Catalogue:
 
 
 def load_catalogue(folder: Path, manifest: dict) -> Catalogue:
-    samples = read_all([str(folder / s) for s in manifest["shards"]["items"]])
-    if len(samples) != manifest["counts"]["items"]:
-        raise ValueError(f"{folder}: manifest says {manifest['counts']['items']} items, the item shards hold {len(samples)}")
+    """Every item, in index order. Item shards are never skipped: any fault is an error."""
+    samples = read_all([str(folder / s) for s in manifest["shards"]["items"]],
+                       split_reader("items", Faults("raise"), shard_counts(folder, manifest)))
     samples.sort(key=lambda s: s["json"]["index"])
+    indices, n = [s["json"]["index"] for s in samples], manifest["counts"]["items"]
+    if indices != list(range(n)):
+        gap = next((i for i in range(n) if i >= len(indices) or indices[i] != i), len(indices))
+        problem = (f"item index {gap} is in no item shard" if gap < n else f"the item shards hold {len(indices)} items")
+        raise ShardError(Fault("items", str(folder / "manifest.json"), "counts.items", "manifest",
+                               f"{n} items, but {problem} (an item cannot be skipped)", None))
     lengths = torch.tensor([len(s["tokens.npy"]) for s in samples], dtype=torch.long)
     tokens = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
     for i, s in enumerate(samples):
@@ -78,12 +94,16 @@ class TrainSequences(IterableDataset):
     each stream repeats its shards as needed and stops after its share of that many batches, so all
     ranks step in lockstep; when None (one rank, no resampling), an epoch is one exact pass.
     `replay` (for `twotower update`): sequences not marked new are kept with this probability
-    (drawn afresh each epoch); None keeps every sequence."""
+    (drawn afresh each epoch); None keeps every sequence. `reader`: how shards are read and what a
+    fault does (`datamodules.shards.split_reader`; default: raise, naming file and member)."""
 
     def __init__(self, urls: list[str], max_len: int, batch_size: int, shuffle_buffer: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, resample: bool = False,
-                 batches_per_epoch: int | None = None, epoch: int = 0, replay: float | None = None):
+                 batches_per_epoch: int | None = None, epoch: int = 0, replay: float | None = None,
+                 reader: ShardReader | None = None):
         streams = world_size * max(1, num_workers)
+        if not urls:
+            raise DataError("no training shard to read (all missing or unreadable; see the faults above)")
         if not resample and len(urls) < streams:
             raise ValueError(f"{len(urls)} training shard(s) for {world_size} rank(s) x {max(1, num_workers)} worker(s): "
                              "every stream needs its own shard; set data.resample=true, or fewer data.num_workers, "
@@ -94,6 +114,7 @@ class TrainSequences(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.epoch = epoch
         self.replay = replay
+        self.reader = reader or ShardReader("train", Faults("raise"), ("seq.npy",))
 
     def _shards(self, epoch: int, stream: int, streams: int):
         """URLs (as WebDataset source dicts) this stream reads this epoch."""
@@ -113,11 +134,27 @@ class TrainSequences(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream, streams = self.rank * workers + worker, self.world_size * workers
         replay = random.Random(f"replay/{self.seed}/{epoch}/{stream}")
+        drawn: set[str] = set()  # shards drawn since the last usable sample
+
+        def sources():
+            """This stream's shards; an endless stream that has drawn each of them without one usable
+            sample would spin forever (and its rank's peers wait forever): stop it instead."""
+            for source in self._shards(epoch, stream, streams):
+                if source["url"] in drawn and (not self.resample or len(drawn) == len(set(self.urls))):
+                    raise DataError(f"rank {self.rank}, worker {worker}: not one usable sample in any of the "
+                                    f"{len(drawn)} training shard(s) it reads (see the skipped faults above)")
+                drawn.add(source["url"])
+                yield source
+
+        def usable(sample: dict) -> dict:
+            drawn.clear()
+            return sample
+
         pipeline = wds.DataPipeline(
-            lambda: self._shards(epoch, stream, streams),
-            wds.tarfile_to_samples(),
+            sources,
+            *self.reader.stages(),  # tar -> samples -> decoded and checked, faults as data.on_error says
+            wds.map(usable),
             wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, stream))),
-            wds.decode(),
             wds.select(lambda sample: self.replay is None or sample["json"].get("new", True) or replay.random() < self.replay),
             wds.map(lambda sample: sample["seq.npy"][-(self.max_len + 1):]),
             wds.select(lambda seq: len(seq) >= 2),
@@ -157,15 +194,22 @@ class ShardDataModule(pl.LightningDataModule):
     appended window plus a replay share (`update.replay_fraction`) of the others, and validate on
     that window (`valid_window`)."""
 
-    def __init__(self, cfg: Config, test_split: str = "test", window: bool = False):
+    def __init__(self, cfg: Config, test_split: str = "test", window: bool = False, fault_log: str | Path | None = None):
+        """`fault_log`: the folder where the training streams of every rank and worker log the
+        faults they skip (`all_faults` adds them up); None: this process's own only."""
         super().__init__()
         self.cfg, self.folder, self.test_split, self.window = cfg, Path(cfg.data.dir), test_split, window
+        self.fault_log, self._train_faults = fault_log, None
         self.manifest = read_manifest(self.folder)
         if self.manifest is None:
             raise FileNotFoundError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config first")
         if window and "window" not in self.manifest:
             raise ValueError(f"{self.folder}: no appended data to update on; add it with `twotower prepare --append` "
                              "(e.g. data.since=<start of the new window>) first")
+        # Faults found here are the same on every rank: rank 0 logs them.
+        self.faults = Faults(cfg.data.on_error, verbose=rank_zero_only.rank == 0)
+        self.urls = check_manifest(self.folder, self.manifest, self.faults)
+        self.expected = shard_counts(self.folder, self.manifest)
         self.catalogue = load_catalogue(self.folder, self.manifest)
         self._cases: dict[str, list[dict]] = {}
 
@@ -175,8 +219,38 @@ class ShardDataModule(pl.LightningDataModule):
 
     def cases(self, split: str) -> list[dict]:
         if split not in self._cases:
-            self._cases[split] = read_all([str(self.folder / s) for s in self.manifest["shards"][split]])
+            reader = split_reader(split, self.faults, self.expected, self.num_items)
+            self._cases[split] = read_all(self.urls[split], reader)
         return self._cases[split]
+
+    def setup(self, stage: str) -> None:
+        """Before training (every rank), read the evaluation splits the run will use: a damaged
+        one then stops it (data.on_error=raise) before the first step, not after the last."""
+        if stage == "fit":
+            for split in {"valid_window" if self.window else "valid", self.test_split, "cold"} & set(self.urls):
+                self.cases(split)
+
+    def all_faults(self) -> list[Fault]:
+        """Every fault skipped so far (data.on_error=skip), once each: those of the shard check and
+        the evaluation splits (alike on every rank) and those of the training streams of every
+        rank and worker (from `fault_log`)."""
+        found = list(self.faults.recorded.values())
+        if self.fault_log is not None:
+            found += read_fault_logs(self.fault_log)
+        elif self._train_faults is not None:
+            found += list(self._train_faults.recorded.values())
+        return list({(f.shard, f.member, f.kind): f for f in found}.values())
+
+    def fault_report(self) -> tuple[dict[str, int], list[dict]]:
+        """summary.json's `data/` counts (`fault_counts`) and data_faults.json's list, one entry per fault."""
+        faults = self.all_faults()
+        return fault_counts(faults), [{**asdict(f), "message": str(f)} for f in faults]
+
+    def forget_faults(self) -> None:
+        """A fresh run (not a resumed one) starts without the faults an earlier run in the same
+        folder logged. Call on every rank before training; global rank 0 clears the log."""
+        if self.fault_log is not None and rank_zero_only.rank == 0:
+            shutil.rmtree(self.fault_log, ignore_errors=True)
 
     def _rank(self) -> tuple[int, int]:
         """(global rank, world size) of the Trainer this module is attached to; (0, 1) without one."""
@@ -202,9 +276,12 @@ class ShardDataModule(pl.LightningDataModule):
         if world_size > 1 or resample:
             # One epoch ~ every training user once over all ranks, rounded up to whole batches.
             batches = max(1, math.ceil(sequences / (data.batch_size * world_size)))
-        return TrainSequences([str(self.folder / s) for s in self.manifest["shards"]["train"]], data.max_len,
+        # One record of what this process skipped, however often the loader is rebuilt (each fault logged once).
+        self._train_faults = self._train_faults or Faults(data.on_error, self.fault_log)
+        reader = split_reader("train", self._train_faults, self.expected, self.num_items)
+        return TrainSequences(self.urls["train"], data.max_len,
                               data.batch_size, data.shuffle_buffer, self.cfg.seed, rank, world_size, data.num_workers,
-                              resample, batches, epoch, replay)
+                              resample, batches, epoch, replay, reader)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()

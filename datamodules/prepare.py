@@ -44,7 +44,7 @@ def _input_files(data: DataConfig) -> list[Path]:
 def fingerprint(cfg: Config) -> str:
     """What the shards depend on: data source and its files, text, split and tokenizer."""
     data = asdict(cfg.data)
-    for loader_only in ("batch_size", "eval_batch_size", "shuffle_buffer", "num_workers", "max_len", "dir", "name"):
+    for loader_only in ("batch_size", "eval_batch_size", "shuffle_buffer", "num_workers", "max_len", "dir", "name", "on_error"):
         data.pop(loader_only)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _input_files(cfg.data) if p.exists()]
     key = json.dumps([SCHEMA_VERSION, data, asdict(cfg.split), cfg.model.item.encoder, files], sort_keys=True)
@@ -220,6 +220,7 @@ def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFra
             "split": {"protocol": "leave-one-out by time (ties keep file order)", **asdict(cfg.split)},
             "skipped": skipped,
             "shards": {name: [f"{name}/{s}" for s in files] for name, files in shards.items()},
+            "shard_counts": {f"{name}/{s}": n for name, files in shards.items() for s, n in files.items()},
         }
         if appends:
             manifest["appends"] = appends

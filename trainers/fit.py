@@ -139,12 +139,14 @@ def fit(cfg: Config) -> dict[str, float]:
     data_dir = Path(cfg.data.dir)
     with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
         prepare(cfg)
-    data = ShardDataModule(cfg)
+    data = ShardDataModule(cfg, fault_log=run_dir / ".data_faults")  # data.on_error=skip: what each rank skipped
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
 
     t = cfg.trainer
     resume = resolve_resume(t.resume, run_dir)
+    if resume is None:
+        data.forget_faults()
     trainer, checkpoint = build_trainer(cfg, run_dir, build_loggers(cfg, run_dir, resuming=resume is not None), t.max_epochs)
     for logger in trainer.loggers:
         logger.log_metrics(parameter_counts(module), step=0)
@@ -166,7 +168,12 @@ def fit(cfg: Config) -> dict[str, float]:
     summary["wall_s"] = time.time() - started
     summary["epochs"] = trainer.current_epoch
     summary["steps"] = trainer.global_step
+    fault_counts, faults = data.fault_report()
+    if cfg.data.on_error == "skip":  # under raise, any fault has stopped the run
+        summary.update(fault_counts)
     if trainer.is_global_zero:
+        if faults:
+            write_json(run_dir / "data_faults.json", faults)
         write_json(run_dir / "summary.json", summary)
         finish_wandb(trainer.loggers, summary, info)
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
