@@ -301,6 +301,8 @@ class TrainerConfig:
     "Log training metrics every N steps."
     num_threads: int = 0
     "torch threads (0: leave torch's default)."
+    on_nan: str = "raise"
+    "NaN/Inf loss or gradients: raise (stop, naming the step and the last good checkpoint) | skip (drop that step's update, count it as train/skipped_steps; not under DeepSpeed)."
 
     def __post_init__(self) -> None:
         _check_positive("trainer.max_epochs", self.max_epochs)
@@ -319,6 +321,9 @@ class TrainerConfig:
         if self.process_group_backend is not None:
             _check_choice("trainer.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
         _check_positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
+        _check_choice("trainer.on_nan", self.on_nan, ("raise", "skip"))
+        if self.on_nan == "skip" and self.strategy == "deepspeed":
+            raise ValueError("trainer.on_nan=skip needs trainer.strategy auto or ddp (DeepSpeed steps its own optimizer)")
 
 
 @dataclass

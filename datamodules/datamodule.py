@@ -85,7 +85,7 @@ def collate_training(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor
 
 
 class TrainSequences(IterableDataset):
-    """Training batches of one rank; one `iter()` per epoch.
+    """Training batches of one rank in one epoch (`epoch`: it seeds the shard order and shuffles).
 
     `resample`: each of the rank's worker streams draws shards with replacement (seeded by seed,
     epoch, rank and worker), so any shard count works. Otherwise the shards, in an order that is the
@@ -114,6 +114,8 @@ class TrainSequences(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.epoch = epoch
         self.replay = replay
+        self.skip = 0
+        "Batches of this epoch already trained (a run resumed mid-epoch): the stream leaves them out."
         self.reader = reader or ShardReader("train", Faults("raise"), ("seq.npy",))
 
     def _shards(self, epoch: int, stream: int, streams: int):
@@ -129,7 +131,7 @@ class TrainSequences(IterableDataset):
         return ({"url": url} for url in urls)
 
     def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch = self.epoch  # one instance per epoch: Lightning may iterate it twice (see train_dataloader)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream, streams = self.rank * workers + worker, self.world_size * workers
@@ -160,11 +162,12 @@ class TrainSequences(IterableDataset):
             wds.select(lambda seq: len(seq) >= 2),
             wds.batched(self.batch_size, collation_fn=collate_training, partial=self.batches_per_epoch is None),
         )
-        if self.batches_per_epoch is None:
-            return iter(pipeline)
         # Workers of a rank share its batches; Lightning's loader interleaves them round-robin.
+        skip = self.skip // workers + (worker < self.skip % workers)
+        if self.batches_per_epoch is None:
+            return itertools.islice(iter(pipeline), skip, None)
         share = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        return itertools.islice(iter(pipeline), share)
+        return itertools.islice(iter(pipeline), skip, share)
 
 
 class EvalCases(torch.utils.data.Dataset):
@@ -285,12 +288,15 @@ class ShardDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
-        # Lightning restores a checkpoint before it asks for the loader: a resumed run starts at the
-        # epoch (hence the shuffles) where the interrupted one stopped.
-        epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
-        dataset = self.train_dataset(rank, world_size, epoch)
-        workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        # Built anew each epoch (`reload_dataloaders_every_n_epochs=1`, see `trainers.fit.build_trainer`),
+        # so the stream's epoch, hence its shuffles, is the trainer's, also right after a resume.
+        trainer = getattr(self, "trainer", None)
+        dataset = self.train_dataset(rank, world_size, trainer.current_epoch if trainer is not None else 0)
+        if trainer is not None:
+            loop = trainer.fit_loop
+            if loop.restarting and loop.epoch_progress.total.processed < loop.epoch_progress.total.started:
+                dataset.skip = loop.epoch_loop.batch_progress.current.completed  # resumed from a mid-epoch checkpoint
+        return DataLoader(dataset, batch_size=None, num_workers=self.cfg.data.num_workers)
 
     def eval_dataloader(self, split: str, limit: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Users of `split` (the first `limit`, 0: all); rank r of W gets users r, r+W, ... padded

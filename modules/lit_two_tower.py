@@ -47,6 +47,7 @@ class TwoTowerModule(pl.LightningModule):
         self.test_split = "test"
         "Which split `trainer.test` ranks (test or cold); also its metrics' prefix."
         self._step_started = None
+        self._loss: torch.Tensor | None = None
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -60,6 +61,7 @@ class TwoTowerModule(pl.LightningModule):
         else:
             loss = self._sampled_loss(inputs, targets, positions)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs.shape[0])
+        self._loss = loss.detach()  # checked for NaN/Inf once gradients are in (`_finite_step`)
         return loss
 
     def _sampled_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -98,9 +100,35 @@ class TwoTowerModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm(), batch_size=1)
+        norm = torch.stack(grads).norm() if grads else None
+        if not self._finite_step(norm):
+            return
+        if norm is not None:
+            self.log("train/grad_norm", norm, batch_size=1)
         self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
+
+    def _finite_step(self, grad_norm: torch.Tensor | None) -> bool:
+        """False when this step's loss or gradients are NaN/Inf on any rank (every rank then agrees):
+        `trainer.on_nan=raise` stops naming the step and the last good checkpoint; `skip` drops the
+        step's gradients, so the optimizer leaves every weight (and its moments) as they were."""
+        loss = self._loss
+        bad = torch.tensor(float((loss is not None and not torch.isfinite(loss).all())
+                                 or (grad_norm is not None and not torch.isfinite(grad_norm))), device=self.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad:
+            return True
+        if self.cfg.trainer.on_nan == "raise":
+            callback = self.trainer.checkpoint_callback
+            last = (callback.last_model_path or callback.best_model_path) if callback else ""
+            raise FloatingPointError(
+                f"non-finite loss or gradients at step {self.global_step} (epoch {self.current_epoch}); "
+                f"last good checkpoint: {last or 'none yet'}. Lower trainer.lr, keep trainer.gradient_clip_val, "
+                "or set trainer.on_nan=skip to drop such steps")
+        for parameter in self.parameters():
+            parameter.grad = None
+        self.log("train/skipped_steps", 1.0, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+        return False
 
     def configure_optimizers(self):
         encoder = self.model.item_tower.encoder

@@ -9,10 +9,56 @@ either kind Lightning writes.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+INTERRUPTED = "interrupted.ckpt"
+"Written in `checkpoints/` when SIGTERM stops training (`SaveOnSigterm`)."
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written as temp name, fsync, rename, fsync of the folder: a kill or a full
+    disk during a save leaves the previous checkpoint as it was, never a truncated file under the
+    real name. (DeepSpeed writes its own checkpoint folders and does not use this.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class SaveOnSigterm(pl.Callback):
+    """SIGTERM (a scheduler's preemption, `kill`, `scancel`): Lightning stops at the next step on
+    every rank; this saves `checkpoints/interrupted.ckpt` there, which `trainer.resume=auto` picks
+    up. (SIGUSR1 under SLURM is Lightning's own: an `hpc_ckpt_N.ckpt` and a requeue.)"""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.folder / INTERRUPTED)
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -23,15 +69,17 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """`trainer.resume` -> the `ckpt_path` for `Trainer.fit`.
 
-    `auto` picks the newest of `checkpoints/last.ckpt` (end of each validated epoch) and Lightning's
-    `hpc_ckpt_N.ckpt` (written on SLURM's SIGUSR1 just before a requeue), or None for a fresh run."""
+    `auto` picks the newest of `checkpoints/last.ckpt` (end of each validated epoch),
+    `checkpoints/interrupted.ckpt` (SIGTERM) and Lightning's `hpc_ckpt_N.ckpt` (written on SLURM's
+    SIGUSR1 just before a requeue), or None for a fresh run."""
     if resume is None:
         return None
     if resume != "auto":
         if not Path(resume).exists():
             raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint")
         return resume
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    folder = run_dir / "checkpoints"
+    candidates = [p for p in [folder / "last.ckpt", folder / INTERRUPTED, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
     return str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
 
 

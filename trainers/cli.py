@@ -159,4 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"twotower {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"twotower {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +16,14 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from configs import Config, to_yaml
 from datamodules.datamodule import ShardDataModule
 from datamodules.prepare import prepare
 from modules.lit_two_tower import TwoTowerModule
-from trainers.checkpoints import consolidate_checkpoint, is_deepspeed_checkpoint, resolve_resume
+from trainers.checkpoints import (INTERRUPTED, AtomicCheckpointIO, SaveOnSigterm, consolidate_checkpoint,
+                                  is_deepspeed_checkpoint, resolve_resume)
 from trainers.evaluate import popularity_metrics
 from trainers.run_folder import metrics_table, plot_curves, without_prefix, write_atomic, write_json
 from trainers.run_info import run_info
@@ -108,10 +112,11 @@ def test_checkpoint(trainer: pl.Trainer, best: str | None, run_dir: Path) -> str
 
 def build_trainer(cfg: Config, run_dir: Path, loggers: list, max_epochs: int) -> tuple[pl.Trainer, ModelCheckpoint]:
     """The Trainer of `fit` and `update`: strategy and precision from `cfg.trainer`, the best and
-    last checkpoints (by val/ndcg@10) in `run_dir/checkpoints/`, early stopping when configured."""
+    last checkpoints (by val/ndcg@10) in `run_dir/checkpoints/`, written atomically, a checkpoint
+    on SIGTERM, early stopping when configured."""
     t = cfg.trainer
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, SaveOnSigterm(run_dir / "checkpoints")]
     if t.patience:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience))
     trainer = pl.Trainer(
@@ -121,6 +126,11 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, max_epochs: int) ->
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=False,
+        # A fresh training loader per epoch, built with that epoch's number: a run resumed from an
+        # epoch-end checkpoint then shuffles as the uninterrupted run did (Lightning would otherwise
+        # reuse the loader it built on restore, before the finished epoch was counted).
+        reload_dataloaders_every_n_epochs=1,
+        plugins=[AtomicCheckpointIO()] if t.strategy != "deepspeed" else None,
     )
     return trainer, checkpoint
 
@@ -150,7 +160,12 @@ def fit(cfg: Config) -> dict[str, float]:
     trainer, checkpoint = build_trainer(cfg, run_dir, build_loggers(cfg, run_dir, resuming=resume is not None), t.max_epochs)
     for logger in trainer.loggers:
         logger.log_metrics(parameter_counts(module), step=0)
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
+    except SIGTERMException:
+        print(f"fit: stopped by SIGTERM at step {trainer.global_step}; saved {run_dir / 'checkpoints' / INTERRUPTED}; "
+              "the same command with trainer.resume=auto continues", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
 
     summary: dict[str, float] = {"best/" + MONITOR: float(checkpoint.best_model_score or float("nan"))}
     rows = {}
