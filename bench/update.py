@@ -1,9 +1,11 @@
 """How much `twotower update` recovers on a later time window, against the stale model and a full
 retrain, on the same users with the same metrics.
 
-The built-in data is cut in time: events before `--cut` (a share of the timeline) are what the
-stale model was trained on; the rest arrive later (`prepare --append data.since=CUT`). Every model
-is ranked on `test_window`: each user active after the cut, their newest event, full catalogue.
+The built-in data is cut in time and written as files, as a live system would see it: events
+before `--cut` (a share of the timeline) and the items they touch are what the stale model was
+trained on; the later events arrive with the whole catalogue (items first seen after the cut are
+new) through `prepare --append`. Every model is ranked on `test_window`: each user active after the
+cut, their newest event, over the full (grown) catalogue.
 
     python bench/update.py                       # id mode, the default synthetic data (3,000 users)
     python bench/update.py --mode text --epochs 3 # the text tower (slower)
@@ -22,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import load_config  # noqa: E402
-from datamodules.prepare import prepare_append  # noqa: E402
-from datamodules.synthetic import TIMELINE  # noqa: E402
+from datamodules.prepare import prepare_append, read_manifest  # noqa: E402
+from datamodules.synthetic import TIMELINE, write_time_split  # noqa: E402
 from trainers.evaluate import evaluate_checkpoint  # noqa: E402
 from trainers.fit import fit  # noqa: E402
 from trainers.update import update  # noqa: E402
@@ -46,18 +48,20 @@ def main() -> None:
         args.overrides = ["data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.max_len=20", *args.overrides]
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-update-"))
     cut = args.cut * TIMELINE
-    common = [f"model.mode={args.mode}", f"data.dir={work / 'data'}", "logger.wandb.mode=disabled", *args.overrides]
+    common = [f"model.mode={args.mode}", f"data.dir={work / 'data'}", "logger.wandb.mode=disabled", "data.source=table", *args.overrides]
+    tables = write_time_split(load_config([], args.overrides).data.synthetic, cut, work / "tables")
+    early = [f"data.interactions={tables['early']}", f"data.items={tables['early_items']}"]
     print(f"bench/update.py: mode={args.mode}, cut at {args.cut:.0%} of the timeline (t={cut:.0f}), stale/retrain epochs "
           f"{args.epochs}, update epochs {args.update_epochs}, overrides {args.overrides}; "
           f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
 
     rows = {}
     started = time.time()
-    fit(load_config([], common + [f"data.until={cut}", f"trainer.max_epochs={args.epochs}", f"run.dir={work / 'stale'}"]))
+    fit(load_config([], common + early + [f"trainer.max_epochs={args.epochs}", f"run.dir={work / 'stale'}"]))
     stale_s = time.time() - started
     stale_ckpt = str(work / "stale" / "checkpoints" / "best.ckpt")
 
-    prepare_append(load_config([], common + [f"data.since={cut}"]))
+    prepare_append(load_config([], common + [f"data.interactions={tables['late']}", f"data.items={tables['all_items']}"]))
     started = time.time()
     summary = update(load_config([work / "stale" / "config.yaml"], [f"update.epochs={args.update_epochs}"]), stale_ckpt, work / "update")
     update_s = time.time() - started
@@ -67,7 +71,7 @@ def main() -> None:
 
     # Full retrain from scratch on everything (the base config finds the appended folder up to date).
     started = time.time()
-    retrain_cfg = load_config([], common + [f"data.until={cut}", f"trainer.max_epochs={args.epochs}", f"run.dir={work / 'retrain'}"])
+    retrain_cfg = load_config([], common + early + [f"trainer.max_epochs={args.epochs}", f"run.dir={work / 'retrain'}"])
     fit(retrain_cfg)
     retrain_s = time.time() - started
     retrained = evaluate_checkpoint(retrain_cfg, str(work / "retrain" / "checkpoints" / "best.ckpt"), "test_window")
@@ -75,7 +79,9 @@ def main() -> None:
     rows["popularity"] = ({m: summary[f"popularity/test_window/{m}"] for m in METRICS}, "all events", 0.0)
 
     window = summary["window"]
-    print(f"\ntest_window: {window['new_users']} users with events after the cut, their newest event ranked over the full catalogue\n")
+    appended = read_manifest(work / "data")["appends"][-1]
+    print(f"\ntest_window: {window['new_users']} users with events after the cut, their newest event ranked over the full "
+          f"catalogue, grown by {appended['new_items']} items first seen after the cut\n")
     stale_ndcg = rows["stale"][0]["ndcg@10"]
     print("| model | trained on | wall s | HR@10 | NDCG@10 | MRR@10 | NDCG@10 vs stale |")
     print("|---|---|---|---|---|---|---|")

@@ -14,6 +14,8 @@ that a model trained on item ids has barely or never seen.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -236,3 +238,19 @@ def _items(rng: np.random.Generator, items: pd.DataFrame, user: np.ndarray, time
             break
     chosen[redraw] = -1
     return chosen
+
+
+def write_time_split(cfg: SyntheticConfig, cut: float, folder: Path) -> dict[str, str]:
+    """The built-in data as CSV files split in time, as a live system sees it: `early` (events before
+    `cut`) with `early_items` (only the items those events touch), and `late` (the rest) with
+    `all_items` (the whole catalogue, so items first touched after the cut are new). For
+    `prepare` then `prepare --append` with `data.source=table`; returns the four paths by name."""
+    interactions, items = generate(cfg)
+    early = interactions[interactions["timestamp"] < cut]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: str(folder / f"{name}.csv") for name in ("early", "late", "early_items", "all_items")}
+    early.to_csv(paths["early"], index=False)
+    interactions[interactions["timestamp"] >= cut].to_csv(paths["late"], index=False)
+    items[items["item_id"].isin(early["item_id"])].to_csv(paths["early_items"], index=False)
+    items.to_csv(paths["all_items"], index=False)
+    return paths

@@ -12,23 +12,14 @@ from cli_runner import twotower
 from configs import load_config
 from datamodules.prepare import prepare, prepare_append
 from datamodules.readers import DataError
-from datamodules.synthetic import TIMELINE, generate
+from datamodules.synthetic import TIMELINE, write_time_split
 
 CUT = 0.7 * TIMELINE
 "Events before this time train the stale model; the rest arrive later."
 
 
 def _write_tables(tmp_path, overrides: list[str]) -> dict[str, str]:
-    """The built-in data as files: the early window with only the items it touches, and the
-    later window with the whole catalogue (so its late items are new to the stale model)."""
-    interactions, items = generate(load_config([], overrides).data.synthetic)
-    early = interactions[interactions["timestamp"] < CUT]
-    paths = {name: str(tmp_path / f"{name}.csv") for name in ("early", "late", "early_items", "all_items")}
-    early.to_csv(paths["early"], index=False)
-    interactions[interactions["timestamp"] >= CUT].to_csv(paths["late"], index=False)
-    items[items["item_id"].isin(early["item_id"])].to_csv(paths["early_items"], index=False)
-    items.to_csv(paths["all_items"], index=False)
-    return paths
+    return write_time_split(load_config([], overrides).data.synthetic, CUT, tmp_path / "tables")
 
 
 def test_append_keeps_item_indices_adds_new_items_and_marks_the_window(tiny_overrides, tmp_path):

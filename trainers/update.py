@@ -49,7 +49,7 @@ def update(cfg: Config, checkpoint: str, out: str | Path | None = None, export_t
     data = ShardDataModule(cfg, window=True)
     window = data.manifest["window"]
     run_dir = Path(out) if out else default_out(checkpoint, window["round"])
-    module = load_module(checkpoint, data, cfg, new_items=True)
+    module = load_module(checkpoint, data, cfg, new_items=True).train()  # Lightning keeps the mode it finds
     cfg = module.cfg
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
