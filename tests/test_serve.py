@@ -151,6 +151,44 @@ def test_bad_requests_get_a_4xx_with_a_message(server, item_ids, path, body, mes
     assert message in json.dumps(response.json()["detail"])
 
 
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send `request` as is on a fresh connection; the response head and what came with it.
+    Times out (failing the test) if the server waits for more than was sent."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    return received
+
+
+@pytest.mark.slow
+def test_bodies_over_the_limit_get_413_before_they_are_read(server, item_ids):
+    """serving.max_body_bytes is checked before parsing: a declared length over it is refused at once,
+    and a chunked body as soon as it passes the limit, without waiting for (or keeping) the rest."""
+    limit = LIMITS.max_body_bytes
+    at_limit = json.dumps({"history": [item_ids[0]], "k": 10}).ljust(limit).encode()  # trailing spaces: still valid JSON
+    over = json.dumps({"history": [item_ids[0]] * (limit // len(item_ids[0]))}).encode()
+    assert len(at_limit) == limit < len(over)
+    headers = {"content-type": "application/json"}
+    assert httpx.post(f"{server.url}/recommend", content=at_limit, headers=headers).status_code == 200
+
+    for path, content in [("/recommend", over), ("/items", over),  # with Content-Length, then chunked:
+                          ("/recommend", iter([over[i:i + 65536] for i in range(0, len(over), 65536)]))]:
+        response = httpx.post(f"{server.url}{path}", content=content, headers=headers)
+        assert response.status_code == 413, response.text
+        assert f"the limit is {limit} bytes (serving.max_body_bytes)" in response.json()["detail"]
+
+    head = b"POST /recommend HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+    declared = raw_exchange(server.url, head + b"content-length: 1000000000\r\n\r\n" + b"[" * 1000)
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    chunk = b" " * (limit + 1)  # one chunk past the limit, and no final 0-length chunk
+    chunked = raw_exchange(server.url, head + b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    assert chunked.startswith(b"HTTP/1.1 413"), chunked[:200]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 @pytest.mark.slow
 def test_new_items_are_found_at_once_for_histories_like_them(server, run):
     """For each topic of the built-in data: a history of five of its items, and two new items, one
@@ -224,7 +262,7 @@ def test_id_mode_serves_but_refuses_new_items():
     exported = Exported(cfg=cfg, model=model, item_ids=["a", "b", "c", "d"], texts=["", "", "", ""], vectors=vectors,
                         index=build_index(vectors.numpy(), LIMITS), tokenizer=None)
     client = TestClient(build_app(Recommender(exported), LIMITS))
-    assert client.get("/health").json() == {"status": "ok", "items": 4, "mode": "id", "index": "IndexFlatIP"}
+    assert client.get("/health").json() == {"status": "ok", "items": 4, "mode": "id", "index": "IndexFlatIP", "export_id": "", "swaps": 0}
     ranked = client.post("/recommend", json={"history": ["a", "b"], "k": 5}).json()["items"]
     assert sorted(r["item_id"] for r in ranked) == ["c", "d"]
     refused = client.post("/items", json={"items": [{"item_id": "e", "title": "new"}]})
