@@ -32,13 +32,17 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture
-def tiny_overrides(tiny_bert, tmp_path) -> list[str]:
-    """key=value overrides for a seconds-long end-to-end run on small synthetic data."""
+def tiny(tiny_bert: str, folder: Path) -> list[str]:
+    """key=value overrides for a seconds-long end-to-end run on small synthetic data in `folder`."""
     return [
         f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1", "model.dim=32",
         "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.synthetic.mean_events=15",
         "data.max_text_len=16", "data.max_len=20", "data.batch_size=64", "data.shuffle_buffer=50",
         "trainer.max_epochs=2", "trainer.warmup_steps=2", "model.loss.num_negatives=32",
-        f"data.dir={tmp_path / 'data'}", f"run.dir={tmp_path / 'run'}",
+        f"data.dir={folder / 'data'}", f"run.dir={folder / 'run'}",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert, tmp_path) -> list[str]:
+    return tiny(tiny_bert, tmp_path)

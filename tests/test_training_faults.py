@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from cli_runner import twotower
+from conftest import tiny
 from trainers.checkpoints import INTERRUPTED, AtomicCheckpointIO
 
 RUN = ["model.mode=id", "data.synthetic.num_users=600", "data.batch_size=32", "trainer.max_epochs=3"]
 "Small, but several epochs of ~19 steps: long enough to be killed in the middle."
 
 
-def _overrides(tiny_overrides: list[str], run_dir) -> list[str]:
-    kept = [o for o in tiny_overrides if not o.startswith(("trainer.max_epochs", "data.synthetic.num_users", "data.batch_size", "run.dir"))]
+def _overrides(base: list[str], run_dir) -> list[str]:
+    kept = [o for o in base if not o.startswith(("trainer.max_epochs", "data.synthetic.num_users", "data.batch_size", "run.dir"))]
     return kept + RUN + [f"run.dir={run_dir}"]
 
 
@@ -46,11 +47,18 @@ def _test_metrics(run_dir) -> dict[str, float]:
     return {k: v for k, v in summary.items() if k.startswith("test/")}
 
 
-@pytest.fixture
-def uninterrupted(tiny_overrides, tmp_path) -> dict[str, float]:
-    result = twotower("fit", *_overrides(tiny_overrides, tmp_path / "whole"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def shared(tiny_bert, tmp_path_factory):
+    """One data folder for this module's runs (prepared by the first), so they train on the same shards."""
+    return tiny(tiny_bert, tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared, tmp_path_factory) -> dict[str, float]:
+    folder = tmp_path_factory.mktemp("whole")
+    result = twotower("fit", *_overrides(shared, folder / "run"), cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    return _test_metrics(tmp_path / "whole")
+    return _test_metrics(folder / "run")
 
 
 def _assert_same_metrics(resumed: dict[str, float], whole: dict[str, float]) -> None:
@@ -61,9 +69,9 @@ def _assert_same_metrics(resumed: dict[str, float], whole: dict[str, float]) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path, uninterrupted, seed):
+def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(shared, tmp_path, uninterrupted, seed):
     run_dir = tmp_path / f"killed-{seed}"
-    args = _overrides(tiny_overrides, run_dir)
+    args = _overrides(shared, run_dir)
     process = _start(args, tmp_path)
     _wait_for(run_dir / "checkpoints" / "last.ckpt", process)  # at least one epoch done, then a random moment
     time.sleep(random.Random(seed).uniform(0.0, 2.0))
@@ -78,9 +86,9 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tin
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tiny_overrides, tmp_path, uninterrupted):
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(shared, tmp_path, uninterrupted):
     run_dir = tmp_path / "terminated"
-    args = _overrides(tiny_overrides, run_dir)
+    args = _overrides(shared, run_dir)
     process = _start(args, tmp_path)
     _wait_for(run_dir / "checkpoints" / "last.ckpt", process)
     time.sleep(0.5)
