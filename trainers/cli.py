@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="ranking metrics of a checkpoint on a split")
     _add_config_args(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit`")
-    evaluate.add_argument("--split", default="test", choices=["valid", "test", "cold"])
+    evaluate.add_argument("--split", default="test", choices=["valid", "test", "cold", "valid_window", "test_window"],
+                          help="*_window: the users of the window added by `prepare --append`")
     update = commands.add_parser("update", help="continue training a checkpoint on data added by `prepare --append`, re-export")
     _add_config_args(update)
     update.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` or `update` (config: its run folder's config.yaml unless -c)")
