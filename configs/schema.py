@@ -322,6 +322,9 @@ class TrainerConfig:
             _check_choice("trainer.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
         _check_positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
         _check_choice("trainer.on_nan", self.on_nan, ("raise", "skip"))
+        if self.strategy == "deepspeed" and self.accelerator == "cpu" and self.devices * self.num_nodes == 1:
+            raise ValueError("trainer.strategy=deepspeed with trainer.accelerator=cpu and one process (trainer.devices=1, "
+                             "trainer.num_nodes=1): ZeRO shards across processes; set trainer.devices=2 or more, or trainer.strategy=auto")
         if self.on_nan == "skip" and self.strategy == "deepspeed":
             raise ValueError("trainer.on_nan=skip needs trainer.strategy auto or ddp (DeepSpeed steps its own optimizer)")
 
