@@ -1,0 +1,252 @@
+"""Recommendation quality on MovieLens-100K: the popularity baseline and the `id`, `text` and
+`id+text` modes, each trained to early stopping on val/ndcg@10 with its best checkpoint restored,
+ranked by the protocol of SPEC.md, in one table.
+
+    python bench/quality.py                                  # ../shared/data/ml-100k, all four systems
+    python bench/quality.py --cold                           # also the cold split (split.cold_item_fraction=0.1)
+    python bench/quality.py --modes popularity,id --patience 5 --max-epochs 50 model.dim=128
+    python bench/quality.py --data /path/to/ml-100k          # a folder with interactions.csv and items.csv
+    python bench/quality.py --quick [model.item.encoder=DIR] # a smoke run on tiny built-in synthetic data
+
+Each model is one in-process `twotower fit` (run folder under `<out>/runs/<mode>`); `key=value`
+overrides go to every fit. The table (valid, test and cold HR/NDCG/MRR@10/20, best epoch, wall time
+to the best checkpoint, peak RSS) is printed and written, with the protocol it ran, to
+`<out>/quality.md`, `quality.csv` and `quality.png` (default out: bench/results/quality/<time>-<data>).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
+ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"
+MODES = ("popularity", "id", "text", "id+text")
+COLD_FRACTION = 0.1
+QUICK = ["data.name=quality_quick", "data.synthetic.num_users=300", "data.synthetic.num_items=120",
+         "data.synthetic.mean_events=15", "data.max_text_len=16", "data.max_len=20", "data.batch_size=64",
+         "data.shuffle_buffer=50", "model.dim=32", "model.loss.num_negatives=32", "trainer.warmup_steps=2"]
+"--quick: a few hundred synthetic users (tests/conftest.py's `tiny` sizes); 2 epochs unless --max-epochs."
+COLUMNS = ("system", "split", "hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20",
+           "best_epoch", "epochs", "wall_to_best_s", "wall_s", "peak_rss_mb")
+"quality.csv's columns. `best_epoch` is 1-based; `epochs` is how many ran before early stopping or max_epochs."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help=f"ML-100K folder with interactions.csv and items.csv (default: {DEFAULT_DATA})")
+    parser.add_argument("--quick", action="store_true", help="smoke run on tiny built-in synthetic data instead of ML-100K")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from %s (default: all)" % ",".join(MODES))
+    parser.add_argument("--patience", type=int, help="trainer.patience: epochs without a better val/ndcg@10 (default: the config's; --quick 1)")
+    parser.add_argument("--max-epochs", type=int, help="trainer.max_epochs (default: the config's; --quick 2)")
+    parser.add_argument("--cold", action="store_true", help=f"split.cold_item_fraction={COLD_FRACTION}: also rank the cold split")
+    parser.add_argument("--out", help="results folder (default: bench/results/quality/<time>-<ml100k|quick>)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every fit (and the data)")
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown {unknown or 'empty'}; choose from {','.join(MODES)}")
+    return args
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: on Linux, writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's so far (see peak_rss_mb)
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def best_epoch(metrics_csv: Path, monitor: str) -> tuple[int, dict[str, float]]:
+    """(1-based epoch, its `val/` metrics) of the first epoch with the highest `monitor`: the epoch
+    whose checkpoint ModelCheckpoint kept (it replaces the best only on a strict improvement)."""
+    with open(metrics_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(monitor)]
+    best = max(rows, key=lambda r: float(r[monitor]))  # max returns the first of equal maxima
+    return int(best["epoch"]) + 1, {k: float(v) for k, v in best.items() if k.startswith("val/") and v}
+
+
+def fit_mode(cfg, monitor: str) -> list[dict]:
+    """One `twotower fit` in this process; its rows (valid, test, cold) read back from the run folder."""
+    from trainers.fit import fit
+
+    run_dir = Path(cfg.run.dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stale best.ckpt would make Lightning write best-v1.ckpt
+    reset_peak_rss()
+    started = time.time()
+    summary = fit(cfg)
+    peak = peak_rss_mb()
+    best_ckpt = run_dir / "checkpoints" / "best.ckpt"  # written (atomically) when the best epoch ended
+    epoch, valid = best_epoch(run_dir / "metrics.csv", monitor)
+    common = {"system": cfg.model.mode, "best_epoch": epoch, "epochs": summary["epochs"],
+              "wall_to_best_s": best_ckpt.stat().st_mtime - started, "wall_s": summary["wall_s"], "peak_rss_mb": peak}
+    rows = [{**common, "split": "valid", **{k.split("/", 1)[1]: v for k, v in valid.items()}}]
+    for split in ("test", "cold"):
+        if f"{split}/ndcg@10" in summary:
+            rows.append({**common, "split": split, **{k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{split}/")}})
+    return rows
+
+
+def popularity_rows(cfg, splits: list[str]) -> list[dict]:
+    """Items by training count, ranked by the same code as the models (trainers/evaluate.py)."""
+    from datamodules.datamodule import ShardDataModule
+    from trainers.evaluate import popularity_metrics
+
+    data = ShardDataModule(cfg)
+    rows = []
+    for split in splits:
+        started = time.time()
+        metrics = popularity_metrics(data, split)
+        rows.append({"system": "popularity", "split": split, **{k.split("/", 1)[1]: v for k, v in metrics.items()},
+                     "wall_s": time.time() - started})
+    return rows
+
+
+def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
+    counts, t = manifest["counts"], cfg.trainer
+    cold = (f" Cold: split.cold_item_fraction={cfg.split.cold_item_fraction}: {counts['cold_items']} items held out of "
+            f"training entirely; the cold split ranks the {counts['cold']} users whose test target is one of them."
+            if cfg.split.cold_item_fraction > 0 else " No cold split (split.cold_item_fraction=0; --cold sets 0.1).")
+    return (
+        f"Data: {source}; {counts['interactions']} interactions, {counts['users']} users, {counts['items']} items.\n"
+        f"Protocol (SPEC.md): leave-one-out by time (per user: last interaction = test, second last = valid, the rest = "
+        f"train; ties keep file order; users with < {cfg.split.min_interactions} interactions dropped: "
+        f"{counts['dropped_users']}); full ranking over all {counts['items']} items, no sampled negatives; the user's "
+        f"input history filtered (eval.filter_seen={str(cfg.eval.filter_seen).lower()}), the target never; ties count "
+        f"against the target; HR/NDCG/MRR@{'/'.join(map(str, cfg.eval.ks))} averaged over all users: "
+        f"{counts['valid']} valid, {counts['test']} test.{cold}\n"
+        f"Training: each mode is `twotower fit` (seed {cfg.seed}) to early stopping on val/ndcg@10 (trainer.patience="
+        f"{t.patience}, trainer.max_epochs={t.max_epochs}); valid and test are the restored best checkpoint's. Popularity: "
+        f"training counts, ranked by the same code. best_epoch is 1-based; wall_to_best_s runs from the start of `fit` "
+        f"(after the shared prepare) to the write of the best checkpoint; peak_rss_mb is this process's peak RSS during "
+        f"that fit (VmHWM, reset before each fit; the fits run one after another in one process).\n"
+        f"Command: python bench/quality.py {' '.join(args.argv)}\n"
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch threads "
+        f"{__import__('torch').get_num_threads()}, Python {platform.python_version()}.")
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)  # floats as repr: they read back equal to summary.json's
+    return buffer.getvalue()
+
+
+def plot(rows: list[dict], path: Path, ks: list[int]) -> None:
+    """One panel per split, HR/NDCG/MRR at each cut-off, one bar per system."""
+    from trainers.run_folder import plt
+
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "mrr")]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), squeeze=False)
+    width = 0.8 / len(systems)
+    for ax, split in zip(axes[0], splits):
+        for i, system in enumerate(systems):
+            row = next((r for r in rows if r["system"] == system and r["split"] == split), None)
+            if row:
+                ax.bar([j + i * width for j in range(len(names))], [row[n] for n in names], width, label=system)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.upper() for n in names], rotation=30)
+        ax.set(title=split)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        files, source = [], "built-in synthetic data (--quick)"
+        overrides = [*QUICK, f"trainer.max_epochs={2 if args.max_epochs is None else args.max_epochs}",
+                     f"trainer.patience={1 if args.patience is None else args.patience}"]
+    else:
+        data = Path(args.data or DEFAULT_DATA).resolve()
+        missing = [n for n in ("interactions.csv", "items.csv") if not (data / n).is_file()]
+        if missing:
+            print(f"bench/quality.py: skipped: no ML-100K at {data} (missing {', '.join(missing)}); "
+                  "give --data DIR, or --quick for a smoke run", file=sys.stderr)
+            return 2 if args.data else 0
+        files, source = [str(ML100K_CONFIG)], f"MovieLens-100K ({data})"
+        overrides = [f"data.path={data}"]
+        overrides += [f"trainer.patience={args.patience}"] if args.patience is not None else []
+        overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or REPO / "bench" / "results" / "quality" / f"{stamp}-{'quick' if args.quick else 'ml100k'}").resolve()
+    overrides += [f"split.cold_item_fraction={COLD_FRACTION}"] if args.cold else []
+    overrides += [f"data.dir={out / 'data'}", *args.overrides]
+
+    from configs import ConfigError, load_config
+
+    try:
+        base = load_config(files, overrides)
+        mode_cfgs = {m: load_config(files, [*overrides, f"model.mode={m}", f"run.dir={out / 'runs' / m}"])
+                     for m in args.modes if m != "popularity"}
+    except ConfigError as exc:
+        print(f"bench/quality.py: config error: {exc}", file=sys.stderr)
+        return 2
+    from datamodules.prepare import prepare, read_manifest
+    from trainers.fit import MONITOR
+
+    prepare(base)  # once; every fit then finds the shards up to date
+    manifest = read_manifest(base.data.dir)
+    splits = ["valid", "test"] + (["cold"] if manifest["counts"].get("cold") else [])
+    rows = popularity_rows(base, splits) if "popularity" in args.modes else []
+    for mode, cfg in mode_cfgs.items():
+        rows += fit_mode(cfg, MONITOR)
+    rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["system"])))
+
+    from trainers.run_folder import write_atomic
+
+    table, text = markdown(rows), protocol(base, manifest, args, source)
+    write_atomic(out / "quality.md", f"# Recommendation quality\n\n{table}\n\n{text}\n\n![quality](quality.png)\n")
+    write_atomic(out / "quality.csv", csv_text(rows))
+    plot(rows, out / "quality.png", list(base.eval.ks))
+    print(f"\n{table}\n\n{text}\n\nwritten to {out}/{{quality.md,quality.csv,quality.png}}; run folders in {out / 'runs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

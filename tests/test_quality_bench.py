@@ -1,0 +1,74 @@
+"""bench/quality.py --quick end to end on the tiny random BERT: the Markdown, CSV and PNG are
+written, and every number in the CSV is the one its run folder holds (summary.json, and
+metrics.csv's best epoch for valid), read here independently of the bench's own code."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+METRICS = [f"{m}@{k}" for k in (10, 20) for m in ("hr", "ndcg", "mrr")]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_val_row(metrics_csv: Path) -> dict:
+    with open(metrics_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["val/ndcg@10"]]
+    top = max(float(r["val/ndcg@10"]) for r in rows)
+    return next(r for r in rows if float(r["val/ndcg@10"]) == top)
+
+
+def test_quick_table_equals_the_runs(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "results"
+    modes = ("id", "text")  # id+text runs the same code path as these two
+    assert load_bench().main(["--quick", "--cold", "--modes", "popularity," + ",".join(modes), "--out", str(out),
+                              f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1"]) == 0
+    assert "| system | split |" in capsys.readouterr().out
+    for name in ("quality.md", "quality.csv"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*"))
+    md = (out / "quality.md").read_text()
+    for stated in ("leave-one-out by time", "full ranking over all 120 items", "eval.filter_seen=true",
+                   "300 valid, 300 test", "split.cold_item_fraction=0.1", "trainer.patience=1, trainer.max_epochs=2"):
+        assert stated in md
+
+    with open(out / "quality.csv", newline="") as f:
+        rows = {(r["system"], r["split"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(s, split) for s in ("popularity", *modes) for split in ("valid", "test", "cold")}
+    for mode in modes:
+        run = out / "runs" / mode
+        summary = json.loads((run / "summary.json").read_text())
+        for split in ("test", "cold"):
+            for name in METRICS:
+                assert float(rows[(mode, split)][name]) == summary[f"{split}/{name}"], (mode, split, name)
+                assert float(rows[("popularity", split)][name]) == pytest.approx(summary[f"popularity/{split}/{name}"], abs=1e-12)
+        best = best_val_row(run / "metrics.csv")
+        valid = rows[(mode, "valid")]
+        assert float(valid["ndcg@10"]) == pytest.approx(summary["best/val/ndcg@10"], rel=1e-6)
+        assert all(float(valid[name]) == float(best[f"val/{name}"]) for name in METRICS)
+        assert int(valid["best_epoch"]) == int(best["epoch"]) + 1
+        assert int(valid["epochs"]) == summary["epochs"] and 1 <= int(valid["best_epoch"]) <= summary["epochs"]
+        assert 0 < float(valid["wall_to_best_s"]) <= float(valid["wall_s"]) == summary["wall_s"]
+        assert float(valid["peak_rss_mb"]) > 0
+
+
+def test_missing_data_skips_or_fails_with_the_path(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "DEFAULT_DATA", tmp_path / "absent")
+    assert bench.main([]) == 0  # the default location: a clear skip
+    assert f"skipped: no ML-100K at {tmp_path / 'absent'}" in capsys.readouterr().err
+    assert bench.main(["--data", str(tmp_path)]) == 2  # a folder the user named: an error
+    assert "missing interactions.csv, items.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "id,sasrec"])
