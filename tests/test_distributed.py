@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shard_files import write_train_shards
 from cli_runner import twotower
 from modules.losses import cross_rank_softmax_loss, softmax_loss
 
@@ -93,27 +94,11 @@ def test_two_rank_gathered_loss_equals_one_process_on_the_concatenated_batch(tmp
 
 
 # ---- data ------------------------------------------------------------------------------------
-def _write_train_shards(folder: Path, sizes: list[int]) -> list[str]:
-    import numpy as np
-    import webdataset as wds
-
-    folder.mkdir(parents=True, exist_ok=True)
-    urls, n = [], 0
-    for i, size in enumerate(sizes):
-        url = str(folder / f"train-{i:06d}.tar")
-        with wds.TarWriter(url) as sink:
-            for _ in range(size):
-                sink.write({"__key__": f"{n:09d}", "seq.npy": np.arange(n % 7 + 3, dtype=np.int32)})
-                n += 1
-        urls.append(url)
-    return urls
-
-
 @pytest.mark.parametrize("resample", [False, True])
 def test_uneven_shards_give_every_rank_the_same_batches(tmp_path, resample):
     from datamodules.datamodule import TrainSequences
 
-    urls = _write_train_shards(tmp_path, [90, 5, 7])  # rank 0 would hold far more without cycling
+    urls = write_train_shards(tmp_path, [90, 5, 7])  # rank 0 would hold far more without cycling
     counts = []
     for rank in range(2):
         data = TrainSequences(urls, 10, 8, 16, seed=0, rank=rank, world_size=2, resample=resample, batches_per_epoch=7)
@@ -126,7 +111,7 @@ def test_uneven_shards_give_every_rank_the_same_batches(tmp_path, resample):
 def test_too_few_shards_without_resampling_is_a_clear_error(tmp_path):
     from datamodules.datamodule import TrainSequences
 
-    urls = _write_train_shards(tmp_path, [10])
+    urls = write_train_shards(tmp_path, [10])
     with pytest.raises(ValueError, match=r"1 training shard\(s\) for 2 rank\(s\).*data.resample=true"):
         TrainSequences(urls, 10, 8, 16, 0, rank=0, world_size=2, resample=False, batches_per_epoch=3)
 

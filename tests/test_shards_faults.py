@@ -18,8 +18,8 @@ import signal
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+from shard_files import write_train_shards
 from cli_runner import twotower
 
 from configs import load_config
@@ -281,24 +281,9 @@ def test_fit_raise_stops_naming_the_member_and_claims_no_success(tiny_bert, data
 
 
 # ---- no rank hangs ---------------------------------------------------------------------------
-def _train_shards(folder: Path, sizes: list[int]) -> list[str]:
-    import webdataset as wds
-
-    folder.mkdir(parents=True, exist_ok=True)
-    urls, n = [], 0
-    for i, size in enumerate(sizes):
-        url = str(folder / f"train-{i:06d}.tar")
-        with wds.TarWriter(url) as sink:
-            for _ in range(size):
-                sink.write({"__key__": f"{n:09d}", "seq.npy": np.arange(n % 7 + 3, dtype=np.int32), "json": {}})
-                n += 1
-        urls.append(url)
-    return urls
-
-
 @pytest.mark.parametrize("resample", [False, True])
 def test_a_rank_that_skips_runs_as_many_batches_as_the_others(tmp_path, resample):
-    urls = _train_shards(tmp_path, [30, 30, 30, 30])
+    urls = write_train_shards(tmp_path, [30, 30, 30, 30])
     cut(Path(urls[1]), member(Path(urls[1]), 3, "seq.npy"), inside=True)  # a few samples left
     garble(Path(urls[3]), member(Path(urls[3]), 0, "seq.npy"))
     counts = []
@@ -310,7 +295,7 @@ def test_a_rank_that_skips_runs_as_many_batches_as_the_others(tmp_path, resample
 
 
 def test_an_endless_stream_with_no_readable_shard_stops_instead_of_spinning(tmp_path):
-    urls = _train_shards(tmp_path, [5, 5])
+    urls = write_train_shards(tmp_path, [5, 5])
     for url in urls:
         for i in range(5):
             garble(Path(url), member(Path(url), i, "seq.npy"))
