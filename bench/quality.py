@@ -129,7 +129,8 @@ def popularity_rows(cfg, splits: list[str]) -> list[dict]:
 def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
     counts, t = manifest["counts"], cfg.trainer
     cold = (f" Cold: split.cold_item_fraction={cfg.split.cold_item_fraction}: {counts['cold_items']} items held out of "
-            f"training entirely; the cold split ranks the {counts['cold']} users whose test target is one of them."
+            f"training entirely; the cold split ranks, for each of the {counts['cold']} users who touched one, the first "
+            f"such item given the warm items before it."
             if cfg.split.cold_item_fraction > 0 else " No cold split (split.cold_item_fraction=0; --cold sets 0.1).")
     return (
         f"Data: {source}; {counts['interactions']} interactions, {counts['users']} users, {counts['items']} items.\n"

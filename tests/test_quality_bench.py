@@ -30,7 +30,7 @@ def best_val_row(metrics_csv: Path) -> dict:
 
 def test_quick_table_equals_the_runs(tiny_bert, tmp_path, capsys):
     out = tmp_path / "results"
-    modes = ("id", "text")  # id+text runs the same code path as these two
+    modes = ("id+text",)  # the bench treats every mode alike; one keeps the test near 30 s on 2 cores
     assert load_bench().main(["--quick", "--cold", "--modes", "popularity," + ",".join(modes), "--out", str(out),
                               f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1"]) == 0
     assert "| system | split |" in capsys.readouterr().out
