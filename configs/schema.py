@@ -180,6 +180,10 @@ class ItemTowerConfig:
     "The encoder's learning rate is trainer.lr times this."
     cache_frozen: bool = True
     "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout)."
+    dedup: bool = True
+    "Sampled candidates: encode each distinct item of a batch (history, targets, negatives) once and read its vector back by index | false: encode every occurrence (the naive recipe; same loss and gradients, more encoder work)."
+    dynamic_padding: bool = True
+    "Trim each step's item tokens to the longest text among its items | false: always run as many tokens as the catalogue's longest text (data.max_text_len when any text was truncated; the naive recipe: same vectors, more encoder work)."
 
     def __post_init__(self) -> None:
         _check_choice("model.item.pooling", self.pooling, ("cls", "mean"))

@@ -115,11 +115,12 @@ class ItemTower(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Vectors [n, dim] of catalogue items (indices [n]). Tokens are trimmed to the longest
-        text among these items (dynamic padding), so short titles cost what they are."""
+        text among these items (dynamic padding), so short titles cost what they are; with
+        `dynamic_padding=false` every item runs the catalogue's full width (same vectors, more work)."""
         out = None
         if self.encoder is not None:
             lengths = self.lengths[items]
-            width = int(lengths.max()) if len(items) else 1
+            width = (int(lengths.max()) if len(items) else 1) if self.cfg.dynamic_padding else self.tokens.shape[1]
             mask = (torch.arange(width, device=items.device) < lengths[:, None]).long()
             if self.frozen_cache is not None:
                 out = self._pool_and_project(self._top_layers(self.frozen_cache[items, :width], mask), mask)

@@ -70,9 +70,8 @@ class TwoTowerModule(pl.LightningModule):
         loss_cfg = self.cfg.model.loss
         in_batch = torch.cat([inputs[inputs >= 0], targets[positions]])
         negatives = self.eligible[torch.randint(len(self.eligible), (loss_cfg.num_negatives,), device=self.device)]
-        distinct = torch.unique(torch.cat([in_batch, negatives]))
-        vectors = self.model.item_tower(distinct)
-        states = self.model.user_tower(vectors[torch.searchsorted(distinct, inputs.clamp_min(0))], inputs >= 0)
+        distinct, vectors, history = self._batch_item_vectors(inputs, torch.cat([in_batch, negatives]))
+        states = self.model.user_tower(history, inputs >= 0)
         labels = torch.searchsorted(distinct, targets[positions])
         if rank_and_world()[1] > 1 and not loss_cfg.local_loss:
             return cross_rank_softmax_loss(states[positions], vectors, labels, distinct, loss_cfg.temperature,
@@ -82,6 +81,26 @@ class TwoTowerModule(pl.LightningModule):
         if loss_cfg.logq:
             log_q = expected_draws_log(self.item_prob[distinct], len(in_batch), loss_cfg.num_negatives, len(self.eligible))
         return softmax_loss(states[positions], vectors, labels, loss_cfg.temperature, log_q.to(vectors.dtype) if log_q is not None else None)
+
+    def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(distinct items, their vectors, the history's vectors [B, L, d]); `occurrences` are the
+        history's items (row-major, padding left out), then targets, then negatives.
+        `model.item.dedup=false` encodes every occurrence (the naive recipe): the history reads its
+        own copies and the candidates are each distinct item's first copy. Every copy is the same
+        function of the weights, so the loss and the summed gradients equal the dedup path's
+        (up to dropout, which draws a different mask per copy)."""
+        if self.cfg.model.item.dedup:
+            distinct = torch.unique(occurrences)
+            vectors = self.model.item_tower(distinct)
+            return distinct, vectors, vectors[torch.searchsorted(distinct, inputs.clamp_min(0))]
+        valid = inputs >= 0
+        encoded = self.model.item_tower(occurrences)
+        distinct, inverse = torch.unique(occurrences, return_inverse=True)
+        order = torch.arange(len(occurrences), device=occurrences.device)
+        first = torch.full_like(distinct, len(occurrences)).scatter_reduce_(0, inverse, order, "amin")
+        history = encoded.new_zeros(*inputs.shape, encoded.shape[-1])  # padding: zero (the user tower masks it)
+        history[valid] = encoded[: int(valid.sum())]
+        return distinct, encoded[first], history
 
     def on_fit_start(self) -> None:
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
