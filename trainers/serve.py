@@ -15,6 +15,7 @@ named (422), an id already in the catalogue is a conflict (409). Handlers are pl
 FastAPI runs them on its thread pool: searches run in parallel, appends one at a time."""
 # No `from __future__ import annotations`: FastAPI must resolve the handlers' body types, which are
 # classes local to `request_models`.
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +24,8 @@ import faiss
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -70,6 +73,20 @@ def request_models(limits: ServingConfig) -> tuple[type[BaseModel], type[BaseMod
     return RecommendRequest, ItemsRequest
 
 
+def _renderable(value):
+    """`value` (as `jsonable_encoder` leaves it) with what a UTF-8 JSON reply cannot hold written out:
+    non-finite floats as "inf" or "nan", lone surrogates escaped ("\\ud800")."""
+    if isinstance(value, dict):
+        return {_renderable(k): _renderable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renderable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _ranked(row: list[tuple[str, float]]) -> dict:
     return {"items": [{"item_id": item_id, "score": score} for item_id, score in row]}
 
@@ -103,14 +120,30 @@ def build_app(recommender: Recommender, limits: ServingConfig, watch: str | Path
     def bad_value(request: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each error's input, which a UTF-8 JSON reply cannot always hold
+        # (a lone surrogate, the inf that 1e400 parses to): rendering it failed, and the client was told
+        # the encoder's problem ("surrogates not allowed") instead of its own.
+        return JSONResponse(status_code=422, content={"detail": _renderable(jsonable_encoder(exc.errors()))})
+
+    def search_threads_here() -> None:
+        # FAISS's OpenMP thread count is per thread: the one `serve` sets at start-up does not reach the
+        # worker threads that run the handlers, where each search would use every core and start an
+        # OpenMP team of its own (torch re-applies its setting in each thread itself).
+        if limits.search_threads:
+            faiss.omp_set_num_threads(limits.search_threads)
+
     @app.post("/recommend")
     def recommend(body: RecommendRequest) -> dict:
+        search_threads_here()
         histories = [body.history] if body.history is not None else body.histories
         rows = recommender.recommend(histories, body.k, body.exclude)
         return _ranked(rows[0]) if body.history is not None else {"results": [_ranked(row) for row in rows]}
 
     @app.post("/items")
     def add_items(body: ItemsRequest) -> dict:
+        search_threads_here()
         records = [item.model_dump() for item in body.items]
         return {"added": len(records), "items": recommender.add_items(records)}
 
