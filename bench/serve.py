@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             health = server.health
             setup_rows.append([f"{n:,}", health["index"], recall["index"].split(" ", 1)[1], build_note, f"{server.start_s:.1f}"])
             asyncio.run(closed_loop(server.url, bodies(200), 4))  # warm-up: connections, allocator, caches
+            asyncio.run(freshness(server.url, 1, seed=n + 2))  # and the item tower's first forward
             phases = [(f"closed, {c} client{'s' * (c > 1)}", closed_loop, c) for c in levels]
             phases.append((f"open, {args.rate:g}/s", open_loop, args.rate))
             for name, run, level in phases:
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
           f"serving.search_threads={cfg.serving.search_threads}; item vectors: "
           + (f"unit, intrinsic dimension {args.intrinsic_dim}" if args.intrinsic_dim else "uniform on the unit sphere"))
     print(f"requests: POST /recommend, top-10, one history of {args.history_len} random items each; {args.requests} per load level "
-          f"(after 200 warm-up), keep-alive connections on loopback; latency from send (closed) or scheduled send (open)\n")
+          f"(after 200 warm-up requests and one warm-up POST /items), keep-alive connections on loopback; latency from send (closed) or scheduled send (open)\n")
     print(table(["items", "index", "params", "index build s", "server start s"], setup_rows) + "\n")
     print(table(["items", "index", "load", "requests", "errors", "p50 ms", "p99 ms", "max ms", "req/s", "send lag ms",
                  "client CPU %", "server CPU %", "other CPU %", "server CPU ms/req"], load_rows) + "\n")
@@ -466,11 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in load_rows:
         if row[0] == f"{max(sizes):,}" and row[2] == f"open, {args.rate:g}/s":
             verdict = "met" if float(row[6]) <= 10 and row[4] == 0 else "NOT met"
-            print(f"goal p99 <= 10 ms at {args.rate:g}/s over {row[0]} items: {verdict} (p99 {row[6]} ms, {row[4]} errors)")
-    worst = max((float(r[7]) for r in fresh_rows), default=float("nan"))
-    unfound = sum(r[9] for r in fresh_rows)
-    print(f"goal new item searchable <= 100 ms after its POST: {'met' if worst <= 100 and not unfound else 'NOT met'} "
-          f"(worst {worst:.1f} ms, {unfound} not found)")
+            late = (f"; the load generator itself sent up to {row[9]} ms late and other processes used {row[12]}% CPU, "
+                    "so this measures the machine as much as the server" if float(row[9]) > 5 else "")
+            print(f"goal p99 <= 10 ms at {args.rate:g}/s over {row[0]} items: {verdict} (p99 {row[6]} ms, {row[4]} errors{late})")
+    for when in ("idle", "during"):
+        rows = [r for r in fresh_rows if r[2].startswith(when)]
+        worst, unfound = max(float(r[7]) for r in rows), sum(r[9] for r in rows)
+        first, count = sum(r[8] for r in rows), sum(r[3] for r in rows)
+        print(f"goal new item searchable <= 100 ms after its POST, {rows[0][2].replace('during', 'during the')} phase: "
+              f"{'met' if worst <= 100 and not unfound else 'NOT met'} (worst {worst:.1f} ms, {unfound} not found; "
+              f"{first} of {count} found by the first /recommend after the POST"
+              + (", so each time is that request's latency)" if first == count else ")"))
     return 0
 
 
