@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/twotower fit run.name=demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf runs data wandb
