@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import io
-import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -30,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"
@@ -60,25 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.modes:
         parser.error(f"--modes: unknown {unknown or 'empty'}; choose from {','.join(MODES)}")
     return args
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak: on Linux, writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak is the process's so far (see peak_rss_mb)
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def best_epoch(metrics_csv: Path, monitor: str) -> tuple[int, dict[str, float]]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
+from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from configs import load_config  # noqa: E402
 from datamodules.datamodule import ShardDataModule  # noqa: E402
 from datamodules.prepare import prepare  # noqa: E402
@@ -84,25 +84,6 @@ def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.5, n: int = 
         sync()
     sync()
     return 2 * n**3 * count / (time.perf_counter() - started) / 1e9
-
-
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each recipe gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Meter(pl.Callback):

@@ -1,0 +1,29 @@
+"""Peak resident memory of this process, resettable between the runs of one benchmark."""
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+from pathlib import Path
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak: on Linux, writing 5 to /proc/self/clear_refs resets VmHWM to the current
+    RSS. Returns False where that is not possible (the peak is then the process's so far)."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """VmHWM in MB (since the last reset); elsewhere the process's peak from getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
