@@ -202,12 +202,15 @@ class UserTowerConfig:
     "Attention heads per block."
     dropout: float = 0.2
     "Dropout on inputs, attention and MLP."
+    ffn_mult: int = 4
+    "Width of each block's MLP as a multiple of model.dim (4: GPT/BERT; 1: SASRec's point-wise feed-forward)."
     max_len: int = "${data.max_len}"  # type: ignore[assignment]
     "Positions the tower can see (the data's max_len)."
 
     def __post_init__(self) -> None:
         _check_positive("model.user.layers", self.layers)
         _check_positive("model.user.heads", self.heads)
+        _check_positive("model.user.ffn_mult", self.ffn_mult)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.user.dropout={self.dropout}: expected 0 <= x < 1")
 

@@ -35,7 +35,9 @@ def softmax_loss(
     accidental hits, i.e. a candidate that is the same item as the positive but sits in another
     column (possible when candidate sets are gathered from several ranks). `drop` [C] bool: columns
     left out of every query's softmax (duplicates), except where a column is the query's label."""
-    logits = queries @ candidates.T / temperature
+    logits = queries @ candidates.T
+    if temperature != 1.0:  # a full pass over [P, C] logits: skipped when it would change nothing
+        logits = logits / temperature
     if log_q is not None:
         logits = logits - log_q
     if candidate_ids is not None or drop is not None:

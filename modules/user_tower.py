@@ -14,12 +14,12 @@ from configs.schema import UserTowerConfig
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, ffn_mult: int):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.ln_attn, self.ln_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class UserTower(nn.Module):
         self.positions = nn.Embedding(cfg.max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(dim)
 
     def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
