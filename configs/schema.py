@@ -184,9 +184,14 @@ class ItemTowerConfig:
     "Sampled candidates: encode each distinct item of a batch (history, targets, negatives) once and read its vector back by index | false: encode every occurrence (the naive recipe; same loss and gradients, more encoder work)."
     dynamic_padding: bool = True
     "Trim each step's item tokens to the longest text among its items | false: always run as many tokens as the catalogue's longest text (data.max_text_len when any text was truncated; the naive recipe: same vectors, more encoder work)."
+    attention: str = "sdpa"
+    "Encoder attention: sdpa (torch's fused scaled_dot_product_attention) | eager (softmax(QK^T)V spelled out, the naive recipe; same vectors, more memory traffic)."
+    activation_checkpointing: bool = False
+    "Training: keep only each encoder layer's input and recompute its activations in the backward pass (less activation memory, one more forward of the trainable layers per step; same loss and gradients, dropout included)."
 
     def __post_init__(self) -> None:
         _check_choice("model.item.pooling", self.pooling, ("cls", "mean"))
+        _check_choice("model.item.attention", self.attention, ("sdpa", "eager"))
         if self.train_layers < -1:
             raise ValueError("model.item.train_layers: expected -1 (all), 0 (none) or N > 0 (top N)")
         _check_positive("model.item.lr_scale", self.lr_scale, allow_zero=True)
@@ -204,6 +209,8 @@ class UserTowerConfig:
     "Dropout on inputs, attention and MLP."
     ffn_mult: int = 4
     "Width of each block's MLP as a multiple of model.dim (4: GPT/BERT; 1: SASRec's point-wise feed-forward)."
+    activation_checkpointing: bool = False
+    "Training: keep only each block's input and recompute its activations in the backward pass (less activation memory, one more forward per step; same loss and gradients, dropout included)."
     max_len: int = "${data.max_len}"  # type: ignore[assignment]
     "Positions the tower can see (the data's max_len)."
 
@@ -365,10 +372,14 @@ class EvalConfig:
     "Cut-offs of HR, NDCG and MRR."
     item_batch_size: int = 512
     "Items per batch when the catalogue is encoded."
+    score_chunk_size: int = 65536
+    "Items scored at once in full ranking: memory is data.eval_batch_size x this x 4 bytes, whatever the catalogue size."
 
     def __post_init__(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
             raise ValueError(f"eval.ks={list(self.ks)}: expected positive cut-offs")
+        _check_positive("eval.item_batch_size", self.item_batch_size)
+        _check_positive("eval.score_chunk_size", self.score_chunk_size)
 
 
 @dataclass

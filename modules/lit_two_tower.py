@@ -186,8 +186,8 @@ class TwoTowerModule(pl.LightningModule):
         history, target, users = history[real], target[real], users[real]
         if not len(target):
             return
-        scores = self.model.scores(users, self._table)
-        for name, total in metric_sums(scores, history, target, self.cfg.eval.ks, self.cfg.eval.filter_seen).items():
+        ev = self.cfg.eval  # ranks by <user, item>: the same order as model.scores (temperature > 0)
+        for name, total in metric_sums(users, self._table, history, target, ev.ks, ev.filter_seen, ev.score_chunk_size).items():
             self._sums[name] = self._sums.get(name, 0.0) + total
         self._users += len(target)
 

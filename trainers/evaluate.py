@@ -42,11 +42,12 @@ def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = Non
 def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
     """Every user gets the same ranking: items by training popularity (seen items filtered)."""
     cfg = data.cfg
-    scores = data.catalogue.train_counts.double()[None, :]
+    counts = data.catalogue.train_counts.double()[:, None]  # score <1, count>: exact in float64
     sums: dict[str, torch.Tensor] = {}
     users = 0
     for history, target in data.eval_dataloader(split):
-        batch = metric_sums(scores.expand(len(target), -1), history, target, cfg.eval.ks, cfg.eval.filter_seen)
+        ones = counts.new_ones(len(target), 1)
+        batch = metric_sums(ones, counts, history, target, cfg.eval.ks, cfg.eval.filter_seen, cfg.eval.score_chunk_size)
         sums = {k: sums.get(k, 0.0) + v for k, v in batch.items()}
         users += len(target)
     return {f"{split}/{k}": float(v) / max(users, 1) for k, v in sums.items()}
