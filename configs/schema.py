@@ -227,7 +227,7 @@ class LossConfig:
     """Softmax cross-entropy of the next item against a candidate set."""
 
     candidates: str = "auto"
-    "full: the whole catalogue (id mode) | sampled: the batch's items + uniform negatives | auto: full in id mode when the catalogue has at most full_max_items, else sampled."
+    "full: the whole catalogue every step (in text modes that encodes every item per step, cheap only with a frozen, cached encoder) | sampled: the batch's items + uniform negatives | auto: full when the catalogue has at most full_max_items and no encoder layer trains (id mode, or model.item.train_layers=0 with the frozen cache), else sampled."
     full_max_items: int = 200000
     "auto picks the full softmax only up to this catalogue size."
     num_negatives: int = 256
@@ -265,8 +265,6 @@ class ModelConfig:
         _check_positive("model.dim", self.dim)
         if self.dim % self.user.heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.user.heads={self.user.heads}")
-        if self.mode == "text" and self.loss.candidates == "full":
-            raise ValueError("model.loss.candidates=full needs model.mode=id (text mode encodes items per batch)")
 
 
 @dataclass

@@ -30,8 +30,11 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
-    loss = cfg.model.loss
-    return loss.candidates == "full" or (loss.candidates == "auto" and cfg.model.mode == "id" and num_items <= loss.full_max_items)
+    """`auto`: the exact softmax when every item's vector is a cheap lookup (id mode, or a frozen encoder
+    served from its cache) and the [positions x catalogue] logits stay small."""
+    loss, item = cfg.model.loss, cfg.model.item
+    cheap_items = cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
+    return loss.candidates == "full" or (loss.candidates == "auto" and cheap_items and num_items <= loss.full_max_items)
 
 
 class TwoTowerModule(pl.LightningModule):

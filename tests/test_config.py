@@ -77,3 +77,17 @@ def test_from_container_restores_the_dataclasses():
 def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
     assert path.read_text().startswith("# ") and "twotower " in path.read_text().splitlines()[0]
     load_config([path])
+
+
+@pytest.mark.parametrize("overrides, num_items, full", [
+    (["model.mode=id"], 1000, True),
+    (["model.mode=id", "model.loss.full_max_items=999"], 1000, False),  # too many logits: sampled
+    (["model.mode=id+text", "model.item.train_layers=0"], 1000, True),  # frozen, cached encoder: a lookup
+    (["model.mode=text", "model.item.train_layers=0", "model.item.cache_frozen=false"], 1000, False),
+    (["model.mode=text", "model.item.train_layers=1"], 1000, False),  # a layer trains: encode per batch
+    (["model.mode=text", "model.loss.candidates=full"], 1000, True),
+])
+def test_auto_candidates_pick_the_full_softmax_only_where_items_are_cheap(overrides, num_items, full):
+    from modules.lit_two_tower import uses_full_softmax
+
+    assert uses_full_softmax(load_config([], overrides), num_items) is full
