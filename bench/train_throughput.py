@@ -3,9 +3,12 @@ model (`model.item.encoder`, MiniLM by default) on the same prepared shards for 
 steps, one table.
 
 Recipes: `naive` (MoRec style: every item occurrence of the batch encoded, no dedup, fixed padding
-to data.max_text_len, the whole encoder fine-tuned, no frozen-layer cache, fp32), `default` (the
-shipped defaults), and each optimisation alone on top of naive: `+dedup`, `+dynamic_padding`,
-`+frozen_cache` (train_layers=1 from the frozen-bottom cache), `+bf16` (trainer.precision=bf16-mixed).
+to data.max_text_len, the whole encoder fine-tuned, no frozen-layer cache, eager attention, fp32),
+`default` (the shipped defaults), each optimisation alone on top of naive: `+dedup`,
+`+dynamic_padding`, `+frozen_cache` (train_layers=1 from the frozen-bottom cache), `+sdpa`
+(model.item.attention=sdpa), `+bf16` (trainer.precision=bf16-mixed), and the memory option on top of
+default: `+act_ckpt` (model.item/user.activation_checkpointing=true: its RSS / GPU MB column against
+default's is the point; it trades speed for that).
 
     python bench/train_throughput.py                  # CPU, 1,000 synthetic users, 4 steps per recipe
     python bench/train_throughput.py --quick          # a smoke run: seconds per recipe
@@ -33,7 +36,8 @@ FLOP count of the item tower (BERT encoder layers only; embeddings, pooling and 
 with H the hidden size and I the MLP width (MiniLM-L6: H=384, I=1536, 6 layers). A layer whose
 weights train runs forward + backward (x3); a frozen layer runs forward only (x1); layers served
 from the frozen cache do not run in the step at all. Only layers that actually run are counted
-(a hook on each layer sees its real input shape).
+(a hook on each layer sees its real input shape); the recompute of activation checkpointing is not
+(the hook runs outside the checkpoint), so GFLOP/s stays the rate of useful work.
 """
 from __future__ import annotations
 
@@ -58,14 +62,16 @@ from datamodules.prepare import prepare  # noqa: E402
 from modules.lit_two_tower import TwoTowerModule  # noqa: E402
 
 NAIVE = ["model.item.dedup=false", "model.item.dynamic_padding=false", "model.item.train_layers=-1",
-         "model.item.cache_frozen=false", "trainer.precision=32-true"]
+         "model.item.cache_frozen=false", "model.item.attention=eager", "trainer.precision=32-true"]
 RECIPES = {
     "naive": NAIVE,
     "default": [],
     "+dedup": NAIVE + ["model.item.dedup=true"],
     "+dynamic_padding": NAIVE + ["model.item.dynamic_padding=true"],
     "+frozen_cache": NAIVE + ["model.item.train_layers=1", "model.item.cache_frozen=true"],
+    "+sdpa": NAIVE + ["model.item.attention=sdpa"],
     "+bf16": NAIVE + ["trainer.precision=bf16-mixed"],
+    "+act_ckpt": ["model.item.activation_checkpointing=true", "model.user.activation_checkpointing=true"],
 }
 
 

@@ -46,10 +46,17 @@ class ItemTower(nn.Module):
             nn.init.normal_(self.id_embedding.weight, std=dim ** -0.5)
         self.encoder = self.projection = None
         if "text" in mode:
-            self.encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder)).train()  # loads in eval mode
+            encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder), attn_implementation=cfg.attention)
+            self.encoder = encoder.train()  # loads in eval mode
             if getattr(self.encoder, "pooler", None) is not None:
                 self.encoder.pooler = None  # unused: we pool ourselves (and DDP dislikes unused params)
             _freeze_all_but_top(self.encoder, cfg.train_layers)
+            if cfg.activation_checkpointing:
+                # Each layer checkpoints its own forward while training, also when `_top_layers` calls it.
+                self.encoder.activation_checkpointing_enable({"use_reentrant": False})
+                # That call also makes the embeddings' output require grad (which only reentrant
+                # checkpointing needs): the backward would then run through the frozen layers too.
+                self.encoder.disable_input_require_grads()
             self.projection = nn.Linear(self.encoder.config.hidden_size, dim)
         # The catalogue's token ids (set by `set_catalogue`) and the frozen layers' output for them
         # (`build_frozen_cache`): data, not weights, so not in the state dict.

@@ -3,12 +3,14 @@
 Histories are left-padded so the newest item is always the last position; one forward pass
 gives the state after every prefix, so one sequence trains every next-item position at once, and
 the user vector is the last position's state. Blocks are pre-LayerNorm with SDPA attention
-(nanoGPT style)."""
+(nanoGPT style); with `activation_checkpointing` each block recomputes its activations in the
+backward pass (torch restores the RNG state, so dropout draws the same masks again)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from configs.schema import UserTowerConfig
 
@@ -43,7 +45,7 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
 class UserTower(nn.Module):
     def __init__(self, cfg: UserTowerConfig, dim: int):
         super().__init__()
-        self.max_len = cfg.max_len
+        self.max_len, self.activation_checkpointing = cfg.max_len, cfg.activation_checkpointing
         self.positions = nn.Embedding(cfg.max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
         self.drop = nn.Dropout(cfg.dropout)
@@ -59,6 +61,7 @@ class UserTower(nn.Module):
         x = item_vectors * valid.unsqueeze(-1).to(item_vectors.dtype) + self.positions(positions)
         x = self.drop(x)
         mask = causal_padding_mask(valid)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
         return self.ln_final(x)
