@@ -180,6 +180,8 @@ class ItemTowerConfig:
     "The encoder's learning rate is trainer.lr times this."
     cache_frozen: bool = True
     "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout)."
+    id_init_std: float = 0.125
+    "Standard deviation of the ID embeddings' normal initialisation (id and id+text modes)."
     dedup: bool = True
     "Sampled candidates: encode each distinct item of a batch (history, targets, negatives) once and read its vector back by index | false: encode every occurrence (the naive recipe; same loss and gradients, more encoder work)."
     dynamic_padding: bool = True
@@ -195,6 +197,7 @@ class ItemTowerConfig:
         if self.train_layers < -1:
             raise ValueError("model.item.train_layers: expected -1 (all), 0 (none) or N > 0 (top N)")
         _check_positive("model.item.lr_scale", self.lr_scale, allow_zero=True)
+        _check_positive("model.item.id_init_std", self.id_init_std)
 
 
 @dataclass
@@ -207,6 +210,8 @@ class UserTowerConfig:
     "Attention heads per block."
     dropout: float = 0.2
     "Dropout on inputs, attention and MLP."
+    positions: str = "from_end"
+    "Learned positions count from_end (the newest item is always the last position) | from_start (the oldest item shown is position 0, as SASRec counts: the model also knows how far into the shown history each item is)."
     ffn_mult: int = 4
     "Width of each block's MLP as a multiple of model.dim (4: GPT/BERT; 1: SASRec's point-wise feed-forward)."
     activation_checkpointing: bool = False
@@ -218,6 +223,7 @@ class UserTowerConfig:
         _check_positive("model.user.layers", self.layers)
         _check_positive("model.user.heads", self.heads)
         _check_positive("model.user.ffn_mult", self.ffn_mult)
+        _check_choice("model.user.positions", self.positions, ("from_end", "from_start"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.user.dropout={self.dropout}: expected 0 <= x < 1")
 

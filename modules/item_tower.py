@@ -43,7 +43,7 @@ class ItemTower(nn.Module):
         self.cfg, self.mode = cfg, mode
         self.id_embedding = nn.Embedding(num_items, dim) if "id" in mode.split("+") else None
         if self.id_embedding is not None:
-            nn.init.normal_(self.id_embedding.weight, std=dim ** -0.5)
+            nn.init.normal_(self.id_embedding.weight, std=cfg.id_init_std)
         self.encoder = self.projection = None
         if "text" in mode:
             encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder), attn_implementation=cfg.attention)

@@ -46,6 +46,7 @@ class UserTower(nn.Module):
     def __init__(self, cfg: UserTowerConfig, dim: int):
         super().__init__()
         self.max_len, self.activation_checkpointing = cfg.max_len, cfg.activation_checkpointing
+        self.from_start = cfg.positions == "from_start"
         self.positions = nn.Embedding(cfg.max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
         self.drop = nn.Dropout(cfg.dropout)
@@ -57,7 +58,10 @@ class UserTower(nn.Module):
         length = item_vectors.shape[1]
         if length > self.max_len:
             raise ValueError(f"history of {length} items is longer than model.user.max_len={self.max_len}")
-        positions = torch.arange(self.max_len - length, self.max_len, device=item_vectors.device)
+        if self.from_start:  # the oldest item shown is position 0, whatever the padding
+            positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+        else:  # the newest item is always position max_len - 1
+            positions = torch.arange(self.max_len - length, self.max_len, device=item_vectors.device)
         x = item_vectors * valid.unsqueeze(-1).to(item_vectors.dtype) + self.positions(positions)
         x = self.drop(x)
         mask = causal_padding_mask(valid)
