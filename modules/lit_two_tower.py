@@ -58,9 +58,11 @@ class TwoTowerModule(pl.LightningModule):
         positions = targets >= 0
         loss_cfg = self.cfg.model.loss
         if self.full_softmax:
+            # Candidates: every item training may know; cold items stay out, as they do of sampled negatives.
             table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
             states = self.model.user_states(inputs, table)
-            loss = softmax_loss(states[positions], table, targets[positions], loss_cfg.temperature)
+            labels = torch.searchsorted(self.eligible, targets[positions])
+            loss = softmax_loss(states[positions], table[self.eligible], labels, loss_cfg.temperature)
         else:
             loss = self._sampled_loss(inputs, targets, positions)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs.shape[0])

@@ -44,3 +44,25 @@ def test_expected_draws_is_the_mixture_formula():
     prob = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     got = expected_draws_log(prob, occurrences=10, num_uniform=6, num_eligible=3)
     np.testing.assert_allclose(got.numpy(), np.log(10 * prob.numpy() + 6 / 3))
+
+
+def test_full_softmax_leaves_cold_items_out_of_the_candidates():
+    """Held-out (cold) items do not exist while training: the full-catalogue loss is the float64
+    cross-entropy over the warm items only, not a softmax that learns to push cold items down."""
+    from configs import load_config
+    from modules.lit_two_tower import TwoTowerModule
+
+    cfg = load_config([], ["model.mode=id", "model.dim=8", "data.max_len=4", "model.user.dropout=0"])
+    cold = torch.tensor([False, True, False, False, True, False])
+    torch.manual_seed(0)
+    module = TwoTowerModule(cfg, len(cold), torch.ones(len(cold)), cold).eval()
+    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    inputs, targets = torch.tensor([[-1, 0, 2, 3], [0, 3, 5, 2]]), torch.tensor([[-1, 2, 3, 5], [3, 5, 2, 0]])
+    loss = module.training_step((inputs, targets), 0)
+    with torch.no_grad():
+        table = module.model.item_tower(torch.arange(len(cold)))
+        states = module.model.user_states(inputs, table)[targets >= 0]
+    warm = torch.nonzero(~cold).squeeze(1)
+    labels = [warm.tolist().index(t) for t in targets[targets >= 0].tolist()]
+    expected = reference_ce(states.numpy(), table[warm].numpy(), labels, 1.0)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
