@@ -93,7 +93,7 @@ def main() -> None:
         args.chunk = min(args.chunk, 1000)
     else:
         train_grid = [("id", b, 10_000) for b in (32, 128, 512)] + [("id", 128, n) for n in (100_000, 1_000_000)] \
-            + [("text", b, 2000) for b in (8, 32, 128)] + [("text", 32, n) for n in (500, 8000)]
+            + [("text", b, 2000) for b in (8, 32, 128)] + [("text", 32, n) for n in (500, 4000)]
         catalogues, users, max_len = [10_000, 100_000, 1_000_000], 2000, 50
     print(f"# bench/memory.py  {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; data.max_len={max_len}, data.max_text_len=32")
