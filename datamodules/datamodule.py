@@ -174,8 +174,8 @@ class EvalCases(torch.utils.data.Dataset):
     """Evaluation users; `padding` extra cases with target -1 (empty history) make every rank's
     share the same length, and are skipped when metrics are summed."""
 
-    def __init__(self, samples: list[dict], max_len: int, padding: int = 0):
-        self.samples, self.max_len, self.padding = samples, max_len, padding
+    def __init__(self, samples: list[dict], padding: int = 0):
+        self.samples, self.padding = samples, padding
 
     def __len__(self) -> int:
         return len(self.samples) + self.padding
@@ -187,9 +187,9 @@ class EvalCases(torch.utils.data.Dataset):
         return s["history.npy"], s["json"]["target"]
 
     def collate(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole histories, so every seen item is filtered; the model reads the newest max_len."""
-        width = max([self.max_len] + [len(h) for h, _ in batch])
-        return pad_left([h for h, _ in batch], width), torch.tensor([t for _, t in batch], dtype=torch.long)
+        """Whole histories, so every seen item is filtered; the model reads the newest max_len.
+        Padded to the batch's longest only: padding changes no user vector (see UserTower), just work."""
+        return pad_left([h for h, _ in batch]), torch.tensor([t for _, t in batch], dtype=torch.long)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -304,7 +304,7 @@ class ShardDataModule(pl.LightningDataModule):
         cases = self.cases(split)
         cases = cases[:limit] if limit else cases
         mine = cases[rank::world_size]
-        dataset = EvalCases(mine, self.cfg.data.max_len, padding=math.ceil(len(cases) / world_size) - len(mine))
+        dataset = EvalCases(mine, padding=math.ceil(len(cases) / world_size) - len(mine))
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, collate_fn=dataset.collate)
 
     def val_dataloader(self) -> DataLoader:

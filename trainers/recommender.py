@@ -112,7 +112,10 @@ class Recommender:
             excluded, missing = items.positions(list(exclude))
             if unknown or missing:
                 raise UnknownItemsError(unknown + missing)
-            padded = pad_left([np.asarray(p, dtype=np.int64) for p in positions], cfg.data.max_len)
+            # Padded to the longest history of the request (at most data.max_len): the user vector
+            # does not depend on padding, its cost does.
+            width = min(cfg.data.max_len, max(len(p) for p in positions))
+            padded = pad_left([np.asarray(p, dtype=np.int64) for p in positions], width)
             users = served.exported.model.user_vectors(padded, items.vectors)
             skip = [set(p) | set(excluded) for p in positions]
             results = items.search(users.numpy(), k, skip)
