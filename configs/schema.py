@@ -182,6 +182,8 @@ class ItemTowerConfig:
     "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout)."
     id_init_std: float = 0.02
     "Standard deviation of the ID embeddings' normal initialisation (id and id+text modes; SASRec's 0.02: small random starts that training quickly outgrows, chosen on ML-100K validation over 0.125)."
+    id_dropout: float = 0.0
+    "id+text, training: the share of item vectors (per step) whose ID part is dropped, so the text part learns to stand alone, as it must for items that never trained (DropoutNet); 0: off."
     dedup: bool = True
     "Sampled candidates: encode each distinct item of a batch (history, targets, negatives) once and read its vector back by index | false: encode every occurrence (the naive recipe; same loss and gradients, more encoder work)."
     dynamic_padding: bool = True
@@ -198,6 +200,8 @@ class ItemTowerConfig:
             raise ValueError("model.item.train_layers: expected -1 (all), 0 (none) or N > 0 (top N)")
         _check_positive("model.item.lr_scale", self.lr_scale, allow_zero=True)
         _check_positive("model.item.id_init_std", self.id_init_std)
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.item.id_dropout={self.id_dropout}: expected 0 <= x < 1")
 
 
 @dataclass

@@ -135,5 +135,8 @@ class ItemTower(nn.Module):
                 out = self.encode_text(self.tokens[items, :width], mask)
         if self.id_embedding is not None:
             ids = self.id_embedding(items)
+            if out is not None and self.training and self.cfg.id_dropout > 0:
+                # Some items train on their text alone, as a new item must serve (DropoutNet).
+                ids = ids * (torch.rand(len(items), 1, device=ids.device) >= self.cfg.id_dropout).to(ids.dtype)
             out = ids if out is None else out + ids
         return out

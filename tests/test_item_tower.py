@@ -90,3 +90,25 @@ def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(t
     out.sum().backward()
     top = [p for n, p in cached.encoder.named_parameters() if n.startswith("encoder.layer.1.")]
     assert all((p.grad is not None) == (train_layers == 1) for p in top)
+
+
+def test_id_dropout_trains_some_items_on_their_text_alone(tiny_bert):
+    """model.item.id_dropout: in training, each item vector is text + ID or, with that
+    probability, text alone; in evaluation always text + ID."""
+    cfg = ItemTowerConfig(encoder=tiny_bert, train_layers=0, id_dropout=0.5)
+    tower = ItemTower(cfg, "id+text", 200, 8)
+    tower.encoder.eval()  # no encoder dropout: the text part is deterministic
+    tower.set_catalogue(*catalogue(load_tokenizer(tiny_bert), [f"item number {i}" for i in range(200)]))
+    items = torch.arange(200)
+    with torch.no_grad():
+        mask = (torch.arange(tower.tokens.shape[1]) < tower.lengths[:, None]).long()
+        text, ids = tower.encode_text(tower.tokens, mask), tower.id_embedding(items)
+        torch.manual_seed(0)
+        trained = tower(items)
+        tower.eval()
+        evaluated = tower(items)
+    text_alone = torch.isclose(trained, text, atol=1e-6).all(1)
+    with_id = torch.isclose(trained, text + ids, atol=1e-6).all(1)
+    assert (text_alone ^ with_id).all()  # every row is exactly one of the two
+    assert 70 <= int(text_alone.sum()) <= 130  # about half of 200 (binomial sd 7)
+    torch.testing.assert_close(evaluated, text + ids, atol=1e-6, rtol=1e-6)
