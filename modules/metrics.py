@@ -16,16 +16,14 @@ def target_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor
     ranking (the user's history, left-padded with -1); the target itself never is."""
     target_scores = (users * items[targets]).sum(1, keepdim=True)
     rows = torch.arange(len(targets), device=targets.device)
+    hidden_rows, hidden_cols = rows, targets  # the target is not one of the "other" items
+    if exclude is not None:
+        hidden_rows = torch.cat([rows, rows[:, None].expand_as(exclude).reshape(-1)])
+        hidden_cols = torch.cat([targets, exclude.reshape(-1)])
     ranks = torch.zeros(len(targets), dtype=torch.long, device=targets.device)
     for start in range(0, len(items), chunk_size):
         scores = users @ items[start:start + chunk_size].T
-        stop = start + scores.shape[1]
-        hidden_rows, hidden_cols = [rows], [targets]  # the target is not one of the "other" items
-        if exclude is not None:
-            hidden_rows.append(rows[:, None].expand_as(exclude).reshape(-1))
-            hidden_cols.append(exclude.reshape(-1))
-        hidden_rows, hidden_cols = torch.cat(hidden_rows), torch.cat(hidden_cols)
-        here = (hidden_cols >= start) & (hidden_cols < stop)
+        here = (hidden_cols >= start) & (hidden_cols < start + scores.shape[1])
         scores[hidden_rows[here], hidden_cols[here] - start] = float("-inf")
         ranks += (scores >= target_scores).sum(1)
     return ranks
