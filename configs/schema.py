@@ -179,7 +179,9 @@ class ItemTowerConfig:
     lr_scale: float = 0.1
     "The encoder's learning rate is trainer.lr times this."
     cache_frozen: bool = True
-    "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout)."
+    "With 0 < train_layers < all: run the frozen bottom layers once per item and train the top layers from that cache (frozen layers then run as at inference, without dropout). With train_layers=0 the cache holds each item's pooled vector (N x hidden), not its tokens' states (N x T x hidden)."
+    frozen_cache_dir: Optional[str] = None
+    "Where the frozen-layer cache lives: null: in RAM | a folder: a memory-mapped .npy file there, named by a hash of the catalogue's tokens and the frozen weights, reused by later runs (fit, evaluate, export) and read from disk as pages are needed, for catalogues whose cache outgrows RAM."
     id_init_std: float = 0.02
     "Standard deviation of the ID embeddings' normal initialisation (id and id+text modes; SASRec's 0.02: small random starts that training quickly outgrows, chosen on ML-100K validation over 0.125)."
     id_dropout: float = 0.0
@@ -208,6 +210,8 @@ class ItemTowerConfig:
 class UserTowerConfig:
     """g(history): a causal transformer over the item vectors of the history, with learned positions."""
 
+    architecture: str = "sasrec"
+    "Block design: sasrec (SASRec's own: inputs x sqrt(dim), query from LayerNorm(x) with keys and values from x, residuals added to the normalised stream, point-wise ReLU feed-forward, N(0, 0.02) init) | pre_ln (GPT-2 pre-LayerNorm blocks with a GELU MLP)."
     layers: int = 2
     "Transformer blocks."
     heads: int = 2
@@ -228,6 +232,7 @@ class UserTowerConfig:
         _check_positive("model.user.heads", self.heads)
         _check_positive("model.user.ffn_mult", self.ffn_mult)
         _check_choice("model.user.positions", self.positions, ("from_end", "from_start"))
+        _check_choice("model.user.architecture", self.architecture, ("sasrec", "pre_ln"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.user.dropout={self.dropout}: expected 0 <= x < 1")
 

@@ -3,6 +3,11 @@ optionally summed with a learned ID embedding (modes `text`, `id+text`); `id` mo
 embedding alone (the SASRec-style baseline)."""
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel
@@ -81,22 +86,62 @@ class ItemTower(nn.Module):
             return 0
         return self.encoder.config.num_hidden_layers - self.cfg.train_layers
 
+    @property
+    def caches_pooled(self) -> bool:
+        """With every layer frozen, the cache holds pooled vectors [N, H] (the projection is all that trains)."""
+        return self.frozen_layers == self.encoder.config.num_hidden_layers
+
+    @torch.no_grad()
+    def _frozen_output(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]).long()
+        hidden = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[self.frozen_layers]
+        return self._pool(hidden, mask) if self.caches_pooled else hidden
+
     @torch.no_grad()
     def build_frozen_cache(self, batch_size: int = 256) -> None:
-        """Hidden states [N, T, H] of every catalogue item after the frozen bottom layers. They
-        never change while training, so each step runs only the trainable top layers."""
+        """Every catalogue item's output of the frozen bottom layers: hidden states [N, T, H], or
+        pooled vectors [N, H] when no layer trains. They never change while training, so each step
+        runs only the trainable top layers. In RAM, or memory-mapped under `frozen_cache_dir`."""
         if not self.frozen_layers or self.frozen_cache is not None:
             return
         was_training = self.encoder.training
         self.encoder.eval()
-        chunks = []
-        for start in range(0, len(self.tokens), batch_size):
-            ids, lengths = self.tokens[start:start + batch_size], self.lengths[start:start + batch_size]
-            mask = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]).long()
-            out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            chunks.append(out.hidden_states[self.frozen_layers])
+        chunks = ((self.tokens[start:start + batch_size], self.lengths[start:start + batch_size])
+                  for start in range(0, len(self.tokens), batch_size))
+        if self.cfg.frozen_cache_dir is None:
+            self.frozen_cache = torch.cat([self._frozen_output(*chunk) for chunk in chunks])
+        else:
+            self.frozen_cache = self._memory_mapped_cache(Path(self.cfg.frozen_cache_dir), chunks)
         self.encoder.train(was_training)
-        self.frozen_cache = torch.cat(chunks)
+
+    def _memory_mapped_cache(self, folder: Path, chunks) -> torch.Tensor:
+        """The cache as a .npy file, written under a temporary name and renamed when complete, so a
+        crash never leaves a partial cache to be reused. Its name hashes what its content depends on."""
+        key = hashlib.sha256()
+        for tensor in (self.tokens, self.lengths, torch.tensor([self.frozen_layers, self.caches_pooled])):
+            key.update(tensor.cpu().numpy().tobytes())
+        frozen = dict(self.encoder.named_parameters())
+        for name in sorted(frozen):
+            if not frozen[name].requires_grad:
+                key.update(name.encode())
+                key.update(frozen[name].detach().cpu().numpy().tobytes())
+        path = folder / f"frozen-cache-{key.hexdigest()[:20]}.npy"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            hidden = self.encoder.config.hidden_size
+            shape = (len(self.tokens), hidden) if self.caches_pooled else (*self.tokens.shape, hidden)
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+            start = 0
+            for chunk in chunks:
+                part = self._frozen_output(*chunk).cpu().numpy()
+                out[start:start + len(part)] = part
+                start += len(part)
+            out.flush()
+            del out
+            os.replace(partial, path)
+        # Copy-on-write: a writable view for torch, pages read from disk on demand, the file never changed.
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
 
     def _top_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # [n, 1, 1, T] additive mask: what BERT's eager and SDPA attention both accept.
@@ -106,13 +151,14 @@ class ItemTower(nn.Module):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4 returns a tuple
         return hidden
 
-    def _pool_and_project(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.projection(pooled)
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def _pool_and_project(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.projection(self._pool(hidden, attention_mask))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text vectors [n, dim] for tokenised texts (also items that did not exist at training)."""
@@ -125,12 +171,15 @@ class ItemTower(nn.Module):
         text among these items (dynamic padding), so short titles cost what they are; with
         `dynamic_padding=false` every item runs the catalogue's full width (same vectors, more work)."""
         out = None
-        if self.encoder is not None:
+        if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
+            out = self.projection(self.frozen_cache[items.to(self.frozen_cache.device)].to(items.device))
+        elif self.encoder is not None:
             lengths = self.lengths[items]
             width = (int(lengths.max()) if len(items) else 1) if self.cfg.dynamic_padding else self.tokens.shape[1]
             mask = (torch.arange(width, device=items.device) < lengths[:, None]).long()
             if self.frozen_cache is not None:
-                out = self._pool_and_project(self._top_layers(self.frozen_cache[items, :width], mask), mask)
+                hidden = self.frozen_cache[items.to(self.frozen_cache.device), :width].to(items.device)
+                out = self._pool_and_project(self._top_layers(hidden, mask), mask)
             else:
                 out = self.encode_text(self.tokens[items, :width], mask)
         if self.id_embedding is not None:

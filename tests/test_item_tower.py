@@ -72,9 +72,10 @@ def test_item_text_names_each_field_and_skips_empty_ones():
     assert item_texts(items, ["title", "genres"]) == ["title: Heat; genres: Crime", "title: Up"]
 
 
+@pytest.mark.parametrize("memory_mapped", [False, True])
 @pytest.mark.parametrize("train_layers", [0, 1])
-def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(tiny_bert, train_layers):
-    cfg = dict(encoder=tiny_bert, train_layers=train_layers)
+def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(tiny_bert, train_layers, memory_mapped, tmp_path):
+    cfg = dict(encoder=tiny_bert, train_layers=train_layers, frozen_cache_dir=str(tmp_path) if memory_mapped else None)
     tokens, lengths = catalogue(load_tokenizer(tiny_bert), ["sailing boats", "a guide to jazz piano chords", "x y z"])
     torch.manual_seed(0)
     cached = ItemTower(ItemTowerConfig(**cfg, cache_frozen=True), "text", 3, 8).eval()
@@ -84,6 +85,10 @@ def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(t
         tower.set_catalogue(tokens, lengths)
     cached.build_frozen_cache()
     assert cached.frozen_cache is not None and plain.frozen_cache is None
+    # Fully frozen: one pooled vector per item; else every token's state after the frozen layers.
+    hidden = cached.encoder.config.hidden_size
+    assert cached.frozen_cache.shape == ((3, hidden) if train_layers == 0 else (*tokens.shape, hidden))
+    assert [p.suffix for p in tmp_path.iterdir()] == ([".npy"] if memory_mapped else [])
     items = torch.tensor([2, 0, 1])
     out = cached(items)
     torch.testing.assert_close(out, plain(items), atol=1e-5, rtol=1e-5)
@@ -112,3 +117,27 @@ def test_id_dropout_trains_some_items_on_their_text_alone(tiny_bert):
     assert (text_alone ^ with_id).all()  # every row is exactly one of the two
     assert 70 <= int(text_alone.sum()) <= 130  # about half of 200 (binomial sd 7)
     torch.testing.assert_close(evaluated, text + ids, atol=1e-6, rtol=1e-6)
+
+
+def test_a_memory_mapped_cache_is_reused_only_for_the_same_catalogue_and_frozen_weights(tiny_bert, tmp_path):
+    tokenizer = load_tokenizer(tiny_bert)
+
+    def build(texts, seed=0):
+        torch.manual_seed(seed)
+        tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=1, frozen_cache_dir=str(tmp_path)), "text", len(texts), 8)
+        tower.set_catalogue(*catalogue(tokenizer, texts))
+        tower.build_frozen_cache()
+        return tower
+
+    first = build(["sailing boats", "jazz piano"])
+    files = sorted(tmp_path.iterdir())
+    build(["sailing boats", "jazz piano"], seed=1)  # other top layers and projection: same frozen cache
+    assert sorted(tmp_path.iterdir()) == files
+    build(["sailing boats", "jazz organ"])
+    changed = build(["sailing boats", "jazz piano"])
+    with torch.no_grad():
+        changed.encoder.embeddings.word_embeddings.weight.mul_(2)  # other frozen weights
+    changed.set_catalogue(first.tokens, first.lengths)
+    changed.build_frozen_cache()
+    assert len(list(tmp_path.iterdir())) == 3 and not list(tmp_path.glob("*partial*"))
+    assert not torch.allclose(changed.frozen_cache, first.frozen_cache)
