@@ -2,10 +2,17 @@
 
 Histories are left-padded so the newest item is always the last position; one forward pass
 gives the state after every prefix, so one sequence trains every next-item position at once, and
-the user vector is the last position's state. Blocks are pre-LayerNorm with SDPA attention
-(nanoGPT style); with `activation_checkpointing` each block recomputes its activations in the
-backward pass (torch restores the RNG state, so dropout draws the same masks again)."""
+the user vector is the last position's state. Two block designs (`model.user.architecture`):
+- `sasrec`: SASRec's own (Kang & McAuley 2018, as in the SASRec+ code): inputs scaled by sqrt(d),
+  the query is LayerNorm(x) while keys and values read x itself, the residual adds to LayerNorm(x),
+  a point-wise ReLU feed-forward with dropout after both linears, N(0, 0.02) linear weights, and
+  padding slots zeroed after every block.
+- `pre_ln`: GPT-2/nanoGPT pre-LayerNorm blocks with a GELU MLP, the residual stream untouched.
+Attention is SDPA in both. With `activation_checkpointing` each block recomputes its activations in
+the backward pass (torch restores the RNG state, so dropout draws the same masks again)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +22,15 @@ from torch.utils.checkpoint import checkpoint
 from configs.schema import UserTowerConfig
 
 
-class Block(nn.Module):
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attn_mask: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Multi-head SDPA over [B, L, d] queries, keys and values -> [B, L, d]."""
+    b, n, d = q.shape
+    q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(b, n, d)
+
+
+class PreLNBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, ffn_mult: int):
         super().__init__()
         self.heads, self.dropout = heads, dropout
@@ -24,13 +39,30 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.ln_attn(x)).split(d, dim=2)
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.out(y.transpose(1, 2).reshape(b, n, d)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.ln_attn(x)).split(x.shape[-1], dim=2)
+        x = x + self.drop(self.out(attend(q, k, v, self.heads, attn_mask, self.dropout if self.training else 0.0)))
         return x + self.mlp(self.ln_mlp(x))
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float, ffn_mult: int):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln_attn, self.ln_mlp = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.Dropout(dropout), nn.ReLU(),
+                                 nn.Linear(ffn_mult * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        query = self.ln_attn(x)
+        k, v = self.kv(x).split(x.shape[-1], dim=2)
+        x = query + self.out(attend(self.q(query), k, v, self.heads, attn_mask, self.dropout if self.training else 0.0))
+        x = self.ln_mlp(x)
+        return (x + self.mlp(x)) * valid.unsqueeze(-1).to(x.dtype)
+
+
+BLOCKS = {"sasrec": SASRecBlock, "pre_ln": PreLNBlock}
 
 
 def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -47,11 +79,17 @@ class UserTower(nn.Module):
         super().__init__()
         self.max_len, self.activation_checkpointing = cfg.max_len, cfg.activation_checkpointing
         self.from_start = cfg.positions == "from_start"
+        self.input_scale = math.sqrt(dim) if cfg.architecture == "sasrec" else 1.0
         self.positions = nn.Embedding(cfg.max_len, dim)
-        nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
-        self.ln_final = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(BLOCKS[cfg.architecture](dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(dim, eps=1e-8 if cfg.architecture == "sasrec" else 1e-5)
+        if cfg.architecture == "sasrec":  # SASRec's (and GPT-2's) N(0, 0.02) linears, zero biases
+            for module in self.blocks.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
 
     def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """item_vectors [B, L, d] (left-padded, L <= max_len), valid [B, L] -> states [B, L, d]."""
@@ -62,10 +100,10 @@ class UserTower(nn.Module):
             positions = (valid.long().cumsum(1) - 1).clamp_min(0)
         else:  # the newest item is always position max_len - 1
             positions = torch.arange(self.max_len - length, self.max_len, device=item_vectors.device)
-        x = item_vectors * valid.unsqueeze(-1).to(item_vectors.dtype) + self.positions(positions)
-        x = self.drop(x)
+        keep = valid.unsqueeze(-1).to(item_vectors.dtype)
+        x = self.drop(item_vectors * self.input_scale + self.positions(positions)) * keep
         mask = causal_padding_mask(valid)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
+            x = checkpoint(block, x, mask, valid, use_reentrant=False) if recompute else block(x, mask, valid)
         return self.ln_final(x)

@@ -117,7 +117,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_bert, t
         layers = {f"encoder.{i}": layer for i, layer in enumerate(m.model.item_tower.encoder.encoder.layer)}
         layers |= {f"user.{i}": block for i, block in enumerate(m.model.user_tower.blocks)}
         for name, layer in layers.items():
-            inner = layer.attention if name.startswith("encoder") else layer.qkv  # runs inside the checkpoint
+            inner = layer.attention if name.startswith("encoder") else layer.out  # runs inside the checkpoint
             inner.register_forward_hook(lambda *_, name=name: counts.update([name]))
             trains[name] = any(p.requires_grad for p in layer.parameters())
         results.append(loss_and_gradients(m))

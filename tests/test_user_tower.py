@@ -6,16 +6,19 @@ from configs.schema import UserTowerConfig
 from modules.user_tower import UserTower
 
 POSITIONS = pytest.mark.parametrize("positions", ["from_end", "from_start"])
+ARCHITECTURES = pytest.mark.parametrize("architecture", ["sasrec", "pre_ln"])
 
 
-def make_tower(positions: str = "from_end"):
+def make_tower(positions: str = "from_end", architecture: str = "sasrec"):
     torch.manual_seed(0)
-    return UserTower(UserTowerConfig(layers=2, heads=2, dropout=0.0, max_len=8, positions=positions), dim=16).eval()
+    cfg = UserTowerConfig(architecture=architecture, layers=2, heads=2, dropout=0.0, max_len=8, positions=positions)
+    return UserTower(cfg, dim=16).eval()
 
 
+@ARCHITECTURES
 @POSITIONS
-def test_a_position_never_sees_later_items(positions):
-    tower = make_tower(positions)
+def test_a_position_never_sees_later_items(positions, architecture):
+    tower = make_tower(positions, architecture)
     x = torch.randn(1, 6, 16)
     valid = torch.ones(1, 6, dtype=torch.bool)
     changed = x.clone()
@@ -25,9 +28,10 @@ def test_a_position_never_sees_later_items(positions):
     assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
+@ARCHITECTURES
 @POSITIONS
-def test_left_padding_does_not_change_the_user_vector(positions):
-    tower = make_tower(positions)
+def test_left_padding_does_not_change_the_user_vector(positions, architecture):
+    tower = make_tower(positions, architecture)
     x = torch.randn(1, 3, 16)
     padded = torch.cat([torch.randn(1, 5, 16), x], dim=1)  # garbage in the padding slots
     valid = torch.tensor([[False] * 5 + [True] * 3])
@@ -45,3 +49,60 @@ def test_from_start_positions_count_from_the_oldest_item_shown():
         tower = make_tower(positions)
         prefix, longer = tower(x[:, :2], torch.ones(1, 2, dtype=torch.bool)), tower(x, torch.ones(1, 3, dtype=torch.bool))
         assert torch.allclose(prefix, longer[:, :2], atol=1e-6) is same
+
+
+class PaperSASRec(torch.nn.Module):
+    """SASRec as its authors' PyTorch port writes it (pmixer/SASRec.pytorch, which SASRec+ adapts):
+    right padding, nn.MultiheadAttention with Q = LayerNorm(x) and K = V = x, Conv1d feed-forward,
+    padding zeroed after each block. An independent reference for architecture=sasrec."""
+
+    def __init__(self, dim: int, heads: int, layers: int, max_len: int):
+        super().__init__()
+        self.pos = torch.nn.Embedding(max_len, dim)
+        self.ln_attn = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-8) for _ in range(layers))
+        self.attn = torch.nn.ModuleList(torch.nn.MultiheadAttention(dim, heads) for _ in range(layers))
+        self.ln_fwd = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-8) for _ in range(layers))
+        self.conv1 = torch.nn.ModuleList(torch.nn.Conv1d(dim, dim, 1) for _ in range(layers))
+        self.conv2 = torch.nn.ModuleList(torch.nn.Conv1d(dim, dim, 1) for _ in range(layers))
+        self.ln_last = torch.nn.LayerNorm(dim, eps=1e-8)
+
+    def forward(self, emb: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        seqs = emb * emb.shape[-1] ** 0.5 + self.pos(torch.arange(emb.shape[1]))
+        seqs = seqs * ~pad.unsqueeze(-1)
+        causal = ~torch.tril(torch.ones(emb.shape[1], emb.shape[1], dtype=torch.bool))
+        for i in range(len(self.attn)):
+            s = seqs.transpose(0, 1)
+            q = self.ln_attn[i](s)
+            s = (q + self.attn[i](q, s, s, attn_mask=causal)[0]).transpose(0, 1)
+            s = self.ln_fwd[i](s)
+            s = s + self.conv2[i](torch.relu(self.conv1[i](s.transpose(-1, -2)))).transpose(-1, -2)
+            seqs = s * ~pad.unsqueeze(-1)
+        return self.ln_last(seqs)
+
+
+def test_sasrec_architecture_matches_the_papers_code_in_float64():
+    dim, heads, layers, max_len = 16, 2, 2, 8
+    torch.manual_seed(0)
+    ours = UserTower(UserTowerConfig(architecture="sasrec", layers=layers, heads=heads, dropout=0.0, max_len=max_len), dim).double().eval()
+    ref = PaperSASRec(dim, heads, layers, max_len).double().eval()
+    with torch.no_grad():
+        ref.pos.weight.copy_(ours.positions.weight)
+        ref.ln_last.load_state_dict(ours.ln_final.state_dict())
+        for i, block in enumerate(ours.blocks):
+            ref.ln_attn[i].load_state_dict(block.ln_attn.state_dict())
+            ref.ln_fwd[i].load_state_dict(block.ln_mlp.state_dict())
+            ref.attn[i].in_proj_weight.copy_(torch.cat([block.q.weight, block.kv.weight]))
+            ref.attn[i].in_proj_bias.copy_(torch.cat([block.q.bias, block.kv.bias]))
+            ref.attn[i].out_proj.load_state_dict(block.out.state_dict())
+            ref.conv1[i].weight.copy_(block.mlp[0].weight[..., None]); ref.conv1[i].bias.copy_(block.mlp[0].bias)
+            ref.conv2[i].weight.copy_(block.mlp[3].weight[..., None]); ref.conv2[i].bias.copy_(block.mlp[3].bias)
+    lengths = [5, 2, 8]
+    items = [torch.randn(n, dim, dtype=torch.float64) for n in lengths]
+    right = torch.zeros(len(items), max_len, dim, dtype=torch.float64)
+    left = torch.randn(len(items), max_len, dim, dtype=torch.float64)  # garbage in our padding slots
+    for row, x in enumerate(items):
+        right[row, :len(x)], left[row, max_len - len(x):] = x, x
+    valid = torch.arange(max_len)[None] >= max_len - torch.tensor(lengths)[:, None]
+    expected, got = ref(right, ~(torch.arange(max_len)[None] < torch.tensor(lengths)[:, None])), ours(left, valid)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(got[row, max_len - n:], expected[row, :n], rtol=1e-10, atol=1e-10)
