@@ -14,12 +14,19 @@ Table 2, evaluation: ranking users' targets over the whole catalogue (`id` model
 histories of 50 filtered items), `eval.score_chunk_size` items at a time against the unchunked
 path (one chunk = the whole catalogue). Both must give the same metric sums (checked); the table
 shows peak RSS above resting and seconds per 1,000 users.
+
+Table 3, the frozen-layer cache of the `text` model (MiniLM) with one trainable layer (token states,
+N x T x H) and none (pooled vectors, N x H), in RAM or memory-mapped (`model.item.frozen_cache_dir`,
+a fresh temporary folder, so the build is measured): the cache's size, the anonymous memory (RssAnon,
+what only swap could free) above resting after build and one step, peak RSS (file pages included),
+build seconds and step seconds.
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
+from bench.process_memory import anonymous_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 from configs import load_config  # noqa: E402
 from modules.lit_two_tower import TwoTowerModule  # noqa: E402
 from modules.metrics import metric_sums  # noqa: E402
@@ -39,8 +46,8 @@ def random_batch(batch: int, length: int, num_items: int, generator: torch.Gener
     return seqs[:, :-1], seqs[:, 1:]
 
 
-def train_row(mode: str, batch: int, num_items: int, max_len: int, text_len: int) -> dict:
-    cfg = load_config([], [f"model.mode={mode}", f"data.max_len={max_len}", f"data.max_text_len={text_len}"])
+def train_row(mode: str, batch: int, num_items: int, max_len: int, text_len: int, overrides: tuple[str, ...] = ()) -> dict:
+    cfg = load_config([], [f"model.mode={mode}", f"data.max_len={max_len}", f"data.max_text_len={text_len}", *overrides])
     generator = torch.Generator().manual_seed(0)
     module = TwoTowerModule(cfg, num_items, torch.ones(num_items), torch.zeros(num_items, dtype=torch.bool)).train()
     tower = module.model.item_tower
@@ -52,15 +59,18 @@ def train_row(mode: str, batch: int, num_items: int, max_len: int, text_len: int
     optimizer = torch.optim.AdamW(module.parameters(), cfg.trainer.lr)
     inputs, targets = random_batch(batch, max_len, num_items, generator)
     reset_peak_rss()
-    resting = peak_rss_mb()
+    resting, resting_anon = peak_rss_mb(), anonymous_rss_mb()
+    started = time.perf_counter()
     tower.build_frozen_cache(cfg.eval.item_batch_size)
+    build_s = time.perf_counter() - started
     cache_mb = tower.frozen_cache.numel() * 4 / 2**20 if tower.frozen_cache is not None else 0.0
     started = time.perf_counter()
     module.training_step((inputs, targets), 0).backward()
     optimizer.step()
     seconds = time.perf_counter() - started
     return dict(mode=mode, batch=batch, items=num_items, candidates="full" if module.full_softmax else "sampled",
-                peak_mb=peak_rss_mb() - resting, cache_mb=cache_mb, step_s=seconds)
+                peak_mb=peak_rss_mb() - resting, anon_mb=anonymous_rss_mb() - resting_anon, cache_mb=cache_mb,
+                build_s=build_s, step_s=seconds)
 
 
 def eval_row(num_items: int, users: int, chunk: int, batch: int) -> tuple[dict, dict]:
@@ -91,10 +101,12 @@ def main() -> None:
         train_grid = [("id", 16, 1000), ("id", 64, 1000), ("text", 4, 200)]
         catalogues, users, max_len = [2000, 20000], 300, 20
         args.chunk = min(args.chunk, 1000)
+        cache_items = 200
     else:
         train_grid = [("id", b, 10_000) for b in (32, 128, 512)] + [("id", 128, n) for n in (100_000, 1_000_000)] \
             + [("text", b, 2000) for b in (8, 32, 128)] + [("text", 32, n) for n in (500, 4000)]
         catalogues, users, max_len = [10_000, 100_000, 1_000_000], 2000, 50
+        cache_items = 8000
     print(f"# bench/memory.py  {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; data.max_len={max_len}, data.max_text_len=32")
     print("\n## training: one step, peak RSS above resting")
@@ -112,6 +124,14 @@ def main() -> None:
         for r in (unchunked, chunked):
             ratio = f"{r['peak_mb'] / unchunked['peak_mb']:.2f}x" if unchunked["peak_mb"] >= 1 else "-"
             print(f"{r['items']:>10}{r['chunk']:>10}{r['peak_mb']:>10.0f}{r['s_per_1k']:>12.2f}{ratio:>19}")
+    print(f"\n## frozen-layer cache: text, batch 8, {cache_items} items, in RAM or memory-mapped")
+    print(f"{'train_layers':>12}{'cache':>8}{'cache MB':>10}{'anon MB':>9}{'peak MB':>9}{'build s':>9}{'step s':>8}")
+    for train_layers in (1, 0):
+        for storage in ("ram", "mmap"):
+            with tempfile.TemporaryDirectory() as folder:
+                where = f"model.item.frozen_cache_dir={folder}" if storage == "mmap" else "model.item.frozen_cache_dir=null"
+                r = train_row("text", 8, cache_items, max_len, 32, (f"model.item.train_layers={train_layers}", where))
+            print(f"{train_layers:>12}{storage:>8}{r['cache_mb']:>10.0f}{r['anon_mb']:>9.0f}{r['peak_mb']:>9.0f}{r['build_s']:>9.1f}{r['step_s']:>8.2f}")
 
 
 if __name__ == "__main__":

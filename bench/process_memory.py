@@ -27,3 +27,15 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def anonymous_rss_mb() -> float:
+    """RssAnon in MB now: resident memory that only swap could free (not file pages such as a
+    memory-mapped cache, which the kernel drops and reads back as needed). 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
