@@ -5,7 +5,7 @@ in one process and one run (peak RSS reset between rows, see bench/process_memor
     python bench/memory.py --quick              # a smoke run: small catalogues
 
 Table 1, training: one optimiser step (forward, backward, AdamW) of the `id` model (full softmax
-where `model.loss.candidates=auto` picks it, sampled above `full_max_items`) and of the `text` model
+where `model.loss.candidates=auto` picks it, sampled above `model.loss.full_max_logits`) and of the `text` model
 (the shipped recipe: MiniLM, top layer trained from the frozen-layer cache), on random histories of
 `data.max_len` items. Columns: batch, catalogue, candidates, peak RSS above the process's resting
 RSS, of which the frozen cache (text; N x T x H x 4 bytes), and seconds per step.

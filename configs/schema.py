@@ -242,9 +242,9 @@ class LossConfig:
     """Softmax cross-entropy of the next item against a candidate set."""
 
     candidates: str = "auto"
-    "full: the whole catalogue every step (in text modes that encodes every item per step, cheap only with a frozen, cached encoder) | sampled: the batch's items + uniform negatives | auto: full when the catalogue has at most full_max_items and no encoder layer trains (id mode, or model.item.train_layers=0 with the frozen cache), else sampled."
-    full_max_items: int = 200000
-    "auto picks the full softmax only up to this catalogue size."
+    "full: the whole catalogue every step (in text modes that encodes every item per step, cheap only with a frozen, cached encoder) | sampled: the batch's items + uniform negatives | auto: full when a batch's logits fit full_max_logits and no encoder layer trains (id mode, or model.item.train_layers=0 with the frozen cache), else sampled."
+    full_max_logits: int = 2**28
+    "auto picks the full softmax only while data.batch_size x data.max_len x catalogue size is at most this (each logit costs about 11 bytes of peak memory through the softmax and its gradient: 2^28 is about 3 GB)."
     num_negatives: int = 256
     "Uniformly sampled extra negatives per step (sampled candidates)."
     logq: bool = True
@@ -258,6 +258,7 @@ class LossConfig:
         _check_choice("model.loss.candidates", self.candidates, ("auto", "full", "sampled"))
         _check_positive("model.loss.temperature", self.temperature)
         _check_positive("model.loss.num_negatives", self.num_negatives, allow_zero=True)
+        _check_positive("model.loss.full_max_logits", self.full_max_logits)
 
 
 @dataclass

@@ -31,10 +31,11 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
     """`auto`: the exact softmax when every item's vector is a cheap lookup (id mode, or a frozen encoder
-    served from its cache) and the [positions x catalogue] logits stay small."""
+    served from its cache) and a batch's [positions x catalogue] logits stay within full_max_logits."""
     loss, item = cfg.model.loss, cfg.model.item
     cheap_items = cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
-    return loss.candidates == "full" or (loss.candidates == "auto" and cheap_items and num_items <= loss.full_max_items)
+    logits = cfg.data.batch_size * cfg.data.max_len * num_items
+    return loss.candidates == "full" or (loss.candidates == "auto" and cheap_items and logits <= loss.full_max_logits)
 
 
 class TwoTowerModule(pl.LightningModule):

@@ -81,7 +81,8 @@ def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
 
 @pytest.mark.parametrize("overrides, num_items, full", [
     (["model.mode=id"], 1000, True),
-    (["model.mode=id", "model.loss.full_max_items=999"], 1000, False),  # too many logits: sampled
+    (["model.mode=id", "data.batch_size=4", "data.max_len=5", "model.loss.full_max_logits=20000"], 1000, True),
+    (["model.mode=id", "data.batch_size=4", "data.max_len=5", "model.loss.full_max_logits=19999"], 1000, False),  # too many logits
     (["model.mode=id+text", "model.item.train_layers=0"], 1000, True),  # frozen, cached encoder: a lookup
     (["model.mode=text", "model.item.train_layers=0", "model.item.cache_frozen=false"], 1000, False),
     (["model.mode=text", "model.item.train_layers=1"], 1000, False),  # a layer trains: encode per batch
