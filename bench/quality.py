@@ -4,12 +4,16 @@ ranked by the protocol of SPEC.md, in one table.
 
     python bench/quality.py                                  # ../shared/data/ml-100k, all four systems
     python bench/quality.py --cold                           # also the cold split (split.cold_item_fraction=0.1)
+    python bench/quality.py --seeds 3                        # each mode with seeds 0, 1, 2, and their mean and sd
     python bench/quality.py --modes popularity,id --patience 5 --max-epochs 50 model.dim=128
     python bench/quality.py --data /path/to/ml-100k          # a folder with interactions.csv and items.csv
     python bench/quality.py --quick [model.item.encoder=DIR] # a smoke run on tiny built-in synthetic data
 
-Each model is one in-process `twotower fit` (run folder under `<out>/runs/<mode>`); `key=value`
-overrides go to every fit. The table (valid, test and cold HR/NDCG/MRR@10/20, best epoch, wall time
+Each model is one in-process `twotower fit` (run folder under `<out>/runs/<mode>`, or
+`<mode>-seed<S>` with --seeds); `key=value` overrides go to every fit. With `--seeds K` each mode
+trains K times (seed 0..K-1) and the table adds, per mode and split, the mean over seeds with the
+sample standard deviation of NDCG@10: one seed's noise on 943 users is as large as many of the
+differences a recipe change makes. The table (valid, test and cold HR/NDCG/MRR@10/20, best epoch, wall time
 to the best checkpoint, peak RSS) is printed and written, with the protocol it ran, to
 `<out>/quality.md`, `quality.csv` and `quality.png` (default out: bench/results/quality/<time>-<data>).
 """
@@ -38,9 +42,11 @@ QUICK = ["data.name=quality_quick", "data.synthetic.num_users=300", "data.synthe
          "data.synthetic.mean_events=15", "data.max_text_len=16", "data.max_len=20", "data.batch_size=64",
          "data.shuffle_buffer=50", "model.dim=32", "model.loss.num_negatives=32", "trainer.warmup_steps=2"]
 "--quick: a few hundred synthetic users (tests/conftest.py's `tiny` sizes); 2 epochs unless --max-epochs."
-COLUMNS = ("system", "split", "hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20",
+COLUMNS = ("system", "split", "seed", "hr@10", "ndcg@10", "ndcg@10_sd", "mrr@10", "hr@20", "ndcg@20", "mrr@20",
            "best_epoch", "epochs", "wall_to_best_s", "wall_s", "peak_rss_mb")
-"quality.csv's columns. `best_epoch` is 1-based; `epochs` is how many ran before early stopping or max_epochs."
+"""quality.csv's columns. `best_epoch` is 1-based; `epochs` is how many ran before early stopping or max_epochs.
+`seed` is the fit's seed, or `mean` for the mean over --seeds fits (then `ndcg@10_sd` is their sample sd)."""
+AVERAGED = [c for c in COLUMNS if c not in ("system", "split", "seed", "ndcg@10_sd")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from %s (default: all)" % ",".join(MODES))
     parser.add_argument("--patience", type=int, help="trainer.patience: epochs without a better val/ndcg@10 (default: the config's; --quick 1)")
     parser.add_argument("--max-epochs", type=int, help="trainer.max_epochs (default: the config's; --quick 2)")
+    parser.add_argument("--seeds", type=int, default=1, help="fits per mode, seeds 0..K-1, with their mean and sd (default: 1)")
     parser.add_argument("--cold", action="store_true", help=f"split.cold_item_fraction={COLD_FRACTION}: also rank the cold split")
     parser.add_argument("--out", help="results folder (default: bench/results/quality/<time>-<ml100k|quick>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every fit (and the data)")
@@ -58,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown or not args.modes:
         parser.error(f"--modes: unknown {unknown or 'empty'}; choose from {','.join(MODES)}")
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: expected at least 1")
     return args
 
 
@@ -82,7 +91,7 @@ def fit_mode(cfg, monitor: str) -> list[dict]:
     peak = peak_rss_mb()
     best_ckpt = run_dir / "checkpoints" / "best.ckpt"  # written (atomically) when the best epoch ended
     epoch, valid = best_epoch(run_dir / "metrics.csv", monitor)
-    common = {"system": cfg.model.mode, "best_epoch": epoch, "epochs": summary["epochs"],
+    common = {"system": cfg.model.mode, "seed": cfg.seed, "best_epoch": epoch, "epochs": summary["epochs"],
               "wall_to_best_s": best_ckpt.stat().st_mtime - started, "wall_s": summary["wall_s"], "peak_rss_mb": peak}
     rows = [{**common, "split": "valid", **{k.split("/", 1)[1]: v for k, v in valid.items()}}]
     for split in ("test", "cold"):
@@ -106,6 +115,24 @@ def popularity_rows(cfg, splits: list[str]) -> list[dict]:
     return rows
 
 
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Per (system, split) fitted with more than one seed: the mean of each number over the seeds,
+    and the sample standard deviation of NDCG@10."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            groups.setdefault((row["system"], row["split"]), []).append(row)
+    means = []
+    for (system, split), group in groups.items():
+        if len(group) > 1:
+            ndcg = [r["ndcg@10"] for r in group]
+            mean = sum(ndcg) / len(ndcg)
+            sd = (sum((x - mean) ** 2 for x in ndcg) / (len(ndcg) - 1)) ** 0.5
+            means.append({"system": system, "split": split, "seed": "mean", "ndcg@10_sd": sd,
+                          **{c: sum(r[c] for r in group) / len(group) for c in AVERAGED if all(c in r for r in group)}})
+    return means
+
+
 def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
     counts, t = manifest["counts"], cfg.trainer
     cold = (f" Cold: split.cold_item_fraction={cfg.split.cold_item_fraction}: {counts['cold_items']} items held out of "
@@ -120,7 +147,7 @@ def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
         f"input history filtered (eval.filter_seen={str(cfg.eval.filter_seen).lower()}), the target never; ties count "
         f"against the target; HR/NDCG/MRR@{'/'.join(map(str, cfg.eval.ks))} averaged over all users: "
         f"{counts['valid']} valid, {counts['test']} test.{cold}\n"
-        f"Training: each mode is `twotower fit` (seed {cfg.seed}) to early stopping on val/ndcg@10 (trainer.patience="
+        f"Training: each mode is `twotower fit` (seed {', '.join(map(str, range(args.seeds)))}) to early stopping on val/ndcg@10 (trainer.patience="
         f"{t.patience}, trainer.max_epochs={t.max_epochs}); valid and test are the restored best checkpoint's. Popularity: "
         f"training counts, ranked by the same code. best_epoch is 1-based; wall_to_best_s runs from the start of `fit` "
         f"(after the shared prepare) to the write of the best checkpoint; peak_rss_mb is this process's peak RSS during "
@@ -203,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         base = load_config(files, overrides)
-        mode_cfgs = {m: load_config(files, [*overrides, f"model.mode={m}", f"run.dir={out / 'runs' / m}"])
-                     for m in args.modes if m != "popularity"}
+        fits = [load_config(files, [*overrides, f"model.mode={m}", f"seed={seed}",
+                                    f"run.dir={out / 'runs' / (m if args.seeds == 1 else f'{m}-seed{seed}')}"])
+                for m in args.modes if m != "popularity" for seed in range(args.seeds)]
     except ConfigError as exc:
         print(f"bench/quality.py: config error: {exc}", file=sys.stderr)
         return 2
@@ -215,16 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(base.data.dir)
     splits = ["valid", "test"] + (["cold"] if manifest["counts"].get("cold") else [])
     rows = popularity_rows(base, splits) if "popularity" in args.modes else []
-    for mode, cfg in mode_cfgs.items():
+    for cfg in fits:
         rows += fit_mode(cfg, MONITOR)
-    rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["system"])))
+    means = seed_means(rows)
+    rows += means
+    rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["system"]), str(r.get("seed"))))
 
     from trainers.run_folder import write_atomic
 
     table, text = markdown(rows), protocol(base, manifest, args, source)
     write_atomic(out / "quality.md", f"# Recommendation quality\n\n{table}\n\n{text}\n\n![quality](quality.png)\n")
     write_atomic(out / "quality.csv", csv_text(rows))
-    plot(rows, out / "quality.png", list(base.eval.ks))
+    plot([r for r in rows if args.seeds == 1 or r.get("seed") in (None, "mean")], out / "quality.png", list(base.eval.ks))
     print(f"\n{table}\n\n{text}\n\nwritten to {out}/{{quality.md,quality.csv,quality.png}}; run folders in {out / 'runs'}")
     return 0
 

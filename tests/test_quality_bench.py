@@ -72,3 +72,20 @@ def test_missing_data_skips_or_fails_with_the_path(tmp_path, monkeypatch, capsys
     assert "missing interactions.csv, items.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--modes", "id,sasrec"])
+
+
+def test_seed_means_average_each_number_and_give_the_sample_sd_of_ndcg():
+    import statistics
+
+    bench = load_bench()
+    ndcgs, epochs = [0.11, 0.095, 0.102], [30, 41, 28]
+    rows = [{"system": "id", "split": "test", "seed": s, "ndcg@10": n, "hr@10": 2 * n, "best_epoch": e}
+            for s, (n, e) in enumerate(zip(ndcgs, epochs))]
+    rows += [{"system": "text", "split": "test", "seed": 0, "ndcg@10": 0.07, "hr@10": 0.14, "best_epoch": 9},
+             {"system": "popularity", "split": "test", "ndcg@10": 0.02}]
+    (mean,) = bench.seed_means(rows)  # one seed of text and the seedless baseline get no mean row
+    assert (mean["system"], mean["split"], mean["seed"]) == ("id", "test", "mean")
+    assert mean["ndcg@10"] == pytest.approx(statistics.fmean(ndcgs), abs=1e-15)
+    assert mean["hr@10"] == pytest.approx(2 * statistics.fmean(ndcgs), abs=1e-15)
+    assert mean["best_epoch"] == pytest.approx(statistics.fmean(epochs))
+    assert mean["ndcg@10_sd"] == pytest.approx(statistics.stdev(ndcgs), abs=1e-15)
