@@ -84,11 +84,15 @@ class UserTower(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(BLOCKS[cfg.architecture](dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(dim, eps=1e-8 if cfg.architecture == "sasrec" else 1e-5)
-        if cfg.architecture == "sasrec":  # SASRec's (and GPT-2's) N(0, 0.02) linears, zero biases
+        if cfg.architecture == "sasrec":  # as SASRec+ initialises: N(0, 0.02) linears, zero biases, ...
             for module in self.blocks.modules():
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
+            for block in self.blocks:  # ... but nn.MultiheadAttention's own Xavier-uniform [3d, d] input projection
+                bound = math.sqrt(6.0 / (dim + 3 * dim))
+                for weight in (block.q.weight, block.kv.weight):
+                    nn.init.uniform_(weight, -bound, bound)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
 
     def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
