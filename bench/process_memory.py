@@ -18,24 +18,26 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """VmHWM in MB (since the last reset); elsewhere the process's peak from getrusage."""
+def _status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status in MB; None where there is no such file or field (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """VmHWM in MB (since the last reset); elsewhere the process's peak from getrusage."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def anonymous_rss_mb() -> float:
     """RssAnon in MB now: resident memory that only swap could free (not file pages such as a
     memory-mapped cache, which the kernel drops and reads back as needed). 0 where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mb("RssAnon") or 0.0
