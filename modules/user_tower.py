@@ -31,6 +31,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attn_m
 
 
 class PreLNBlock(nn.Module):
+    scales_input, norm_eps = False, 1e-5
+
     def __init__(self, dim: int, heads: int, dropout: float, ffn_mult: int):
         super().__init__()
         self.heads, self.dropout = heads, dropout
@@ -39,20 +41,41 @@ class PreLNBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
+    @staticmethod
+    def initialise(blocks: nn.ModuleList, dim: int) -> None:
+        """torch's default initialisation, as built."""
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`valid` is unused: padding slots are masked as keys and never read out."""
         q, k, v = self.qkv(self.ln_attn(x)).split(x.shape[-1], dim=2)
         x = x + self.drop(self.out(attend(q, k, v, self.heads, attn_mask, self.dropout if self.training else 0.0)))
         return x + self.mlp(self.ln_mlp(x))
 
 
 class SASRecBlock(nn.Module):
+    scales_input, norm_eps = True, 1e-8
+
     def __init__(self, dim: int, heads: int, dropout: float, ffn_mult: int):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.ln_attn, self.ln_mlp = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+        self.ln_attn, self.ln_mlp = nn.LayerNorm(dim, eps=self.norm_eps), nn.LayerNorm(dim, eps=self.norm_eps)
         self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.Dropout(dropout), nn.ReLU(),
                                  nn.Linear(ffn_mult * dim, dim), nn.Dropout(dropout))
+
+    @staticmethod
+    def initialise(blocks: nn.ModuleList, dim: int) -> None:
+        """As SASRec+ initialises: N(0, 0.02) linears with zero biases, except the attention input
+        projection, which nn.MultiheadAttention keeps at its own Xavier-uniform over [3d, d]. (Draws
+        in this order, all blocks at once, so a seed gives the weights the README's runs had.)"""
+        for module in blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        bound = math.sqrt(6.0 / (dim + 3 * dim))
+        for block in blocks:
+            for weight in (block.q.weight, block.kv.weight):
+                nn.init.uniform_(weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         query = self.ln_attn(x)
@@ -79,20 +102,13 @@ class UserTower(nn.Module):
         super().__init__()
         self.max_len, self.activation_checkpointing = cfg.max_len, cfg.activation_checkpointing
         self.from_start = cfg.positions == "from_start"
-        self.input_scale = math.sqrt(dim) if cfg.architecture == "sasrec" else 1.0
+        block = BLOCKS[cfg.architecture]
+        self.input_scale = math.sqrt(dim) if block.scales_input else 1.0
         self.positions = nn.Embedding(cfg.max_len, dim)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(BLOCKS[cfg.architecture](dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
-        self.ln_final = nn.LayerNorm(dim, eps=1e-8 if cfg.architecture == "sasrec" else 1e-5)
-        if cfg.architecture == "sasrec":  # as SASRec+ initialises: N(0, 0.02) linears, zero biases, ...
-            for module in self.blocks.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=0.02)
-                    nn.init.zeros_(module.bias)
-            for block in self.blocks:  # ... but nn.MultiheadAttention's own Xavier-uniform [3d, d] input projection
-                bound = math.sqrt(6.0 / (dim + 3 * dim))
-                for weight in (block.q.weight, block.kv.weight):
-                    nn.init.uniform_(weight, -bound, bound)
+        self.blocks = nn.ModuleList(block(dim, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(dim, eps=block.norm_eps)
+        block.initialise(self.blocks, dim)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
 
     def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
