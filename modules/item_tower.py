@@ -49,7 +49,7 @@ class ItemTower(nn.Module):
         self.id_embedding = nn.Embedding(num_items, dim) if "id" in mode.split("+") else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=cfg.id_init_std)
-        self.encoder = self.projection = None
+        self.encoder = self.adapter = self.projection = None
         if "text" in mode:
             encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder), attn_implementation=cfg.attention)
             self.encoder = encoder.train()  # loads in eval mode
@@ -62,7 +62,9 @@ class ItemTower(nn.Module):
                 # That call also makes the embeddings' output require grad (which only reentrant
                 # checkpointing needs): the backward would then run through the frozen layers too.
                 self.encoder.disable_input_require_grads()
-            self.projection = nn.Linear(self.encoder.config.hidden_size, dim)
+            hidden = self.encoder.config.hidden_size
+            self.adapter = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU()) if cfg.text_adapter == "mlp" else nn.Identity()
+            self.projection = nn.Linear(hidden, dim)
         # The catalogue's token ids (set by `set_catalogue`) and the frozen layers' output for them
         # (`build_frozen_cache`): data, not weights, so not in the state dict.
         self.register_buffer("tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
@@ -157,8 +159,11 @@ class ItemTower(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.adapter(pooled))
+
     def _pool_and_project(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.projection(self._pool(hidden, attention_mask))
+        return self._project(self._pool(hidden, attention_mask))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text vectors [n, dim] for tokenised texts (also items that did not exist at training)."""
@@ -172,7 +177,7 @@ class ItemTower(nn.Module):
         `dynamic_padding=false` every item runs the catalogue's full width (same vectors, more work)."""
         out = None
         if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
-            out = self.projection(self.frozen_cache[items.to(self.frozen_cache.device)].to(items.device))
+            out = self._project(self.frozen_cache[items.to(self.frozen_cache.device)].to(items.device))
         elif self.encoder is not None:
             lengths = self.lengths[items]
             width = (int(lengths.max()) if len(items) else 1) if self.cfg.dynamic_padding else self.tokens.shape[1]

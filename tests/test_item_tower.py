@@ -97,6 +97,26 @@ def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(t
     assert all((p.grad is not None) == (train_layers == 1) for p in top)
 
 
+@pytest.mark.parametrize("cache_frozen", [False, True])
+def test_mlp_text_adapter_runs_before_the_projection(tiny_bert, cache_frozen):
+    """model.item.text_adapter=mlp: projection(GELU(W pooled + b)), on the plain and the pooled-cache path."""
+    tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=0, cache_frozen=cache_frozen,
+                                      text_adapter="mlp"), "text", 3, 8).eval()
+    tokens, lengths = catalogue(load_tokenizer(tiny_bert), ["sailing boats", "a guide to jazz piano chords", "x y z"])
+    tower.set_catalogue(tokens, lengths)
+    tower.build_frozen_cache()
+    assert (tower.frozen_cache is not None) == cache_frozen
+    with torch.no_grad():
+        mask = (torch.arange(tokens.shape[1]) < lengths[:, None]).double()
+        hidden = tower.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state.double()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        inner, outer = tower.adapter[0], tower.projection
+        adapted = torch.nn.functional.gelu(pooled @ inner.weight.double().T + inner.bias.double())
+        expected = adapted @ outer.weight.double().T + outer.bias.double()
+        items = torch.tensor([2, 0, 1])
+        torch.testing.assert_close(tower(items).double(), expected[items], atol=1e-5, rtol=1e-5)
+
+
 def test_id_dropout_trains_some_items_on_their_text_alone(tiny_bert):
     """model.item.id_dropout: in training, each item vector is text + ID or, with that
     probability, text alone; in evaluation always text + ID."""
