@@ -82,6 +82,17 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# A stored config (a checkpoint's hyper-parameters, an export's config.yaml) is complete, so a key
+# it lacks did not exist when it was written: the code then behaved as the value here, which is not
+# that key's current default.
+BEFORE_KEY_EXISTED = {"model.item.text_adapter": "linear"}
+
+
 def from_container(container: dict) -> Config:
-    """A `Config` from its plain-dict form (as stored in a checkpoint's hyper-parameters)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
+    """A `Config` from its stored plain-dict form (a checkpoint's hyper-parameters, an export's
+    config.yaml), keys added since it was written set to what the code did before they existed."""
+    stored = OmegaConf.create(container)
+    for key, before in BEFORE_KEY_EXISTED.items():
+        if OmegaConf.select(stored, key, default=KeyError) is KeyError:
+            OmegaConf.update(stored, key, before)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), stored))

@@ -73,6 +73,18 @@ def test_from_container_restores_the_dataclasses():
     assert from_container(OmegaConf.to_container(OmegaConf.structured(cfg))) == cfg
 
 
+def test_a_stored_config_older_than_a_key_gets_the_behaviour_it_was_trained_with():
+    """Checkpoints and exports written before model.item.text_adapter existed projected the pooled
+    text vector alone (`linear`); the key's default is now `mlp`."""
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.to_container(OmegaConf.structured(load_config([], ["model.mode=text"])))
+    assert from_container(stored).model.item.text_adapter == "mlp"
+    del stored["model"]["item"]["text_adapter"]
+    assert from_container(stored).model.item.text_adapter == "linear"
+    assert load_config([], ["model.mode=text"]).model.item.text_adapter == "mlp"  # new configs: the default
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
     assert path.read_text().startswith("# ") and "twotower " in path.read_text().splitlines()[0]

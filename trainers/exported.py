@@ -22,11 +22,12 @@ from pathlib import Path
 
 import faiss
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from configs import Config, load_config
+from configs import Config, from_container
 from datamodules.item_text import load_tokenizer
 from modules.two_tower import TwoTower
 
@@ -76,7 +77,7 @@ def load_exported(folder: str | Path, cfg: Config | None = None) -> Exported:
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: export format {meta.get('format_version')}, this twotower reads {FORMAT_VERSION}")
-    cfg = cfg or load_config([folder / "config.yaml"])
+    cfg = cfg or from_container(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
     item_ids = json.loads((folder / "item_ids.json").read_text())
     uses_text = "text" in cfg.model.mode
     if uses_text:
