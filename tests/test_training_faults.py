@@ -77,8 +77,12 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(sha
     time.sleep(random.Random(seed).uniform(0.0, 2.0))
     process.send_signal(signal.SIGKILL)
     process.wait()
-    torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # whatever the moment, the checkpoint loads
-    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # a temporary file may be left only by a kill mid-save...
+    # Whatever the moment, every checkpoint under its real name loads; a kill mid-save leaves at most
+    # a hidden `.NAME.tmp-PID`, which nothing reads.
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in saved
+    for name in saved:
+        torch.load(run_dir / "checkpoints" / name, weights_only=False)
 
     resumed = twotower("fit", *args, "trainer.resume=auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
