@@ -111,9 +111,8 @@ class Meter(pl.Callback):
     def _rows(self, tower, args) -> None:
         if tower.training and len(args[0]):
             items = args[0]
-            width = int(tower.lengths[items].max()) if tower.cfg.dynamic_padding else tower.tokens.shape[1]
             self.step["rows"] += len(items)
-            self.step["tokens"] += len(items) * width
+            self.step["tokens"] += sum(len(positions) * width for positions, width in tower.padded_chunks(items))
 
     def _layer(self, layer, args, kwargs) -> None:
         if not layer.training and not torch.is_grad_enabled():

@@ -192,6 +192,8 @@ class ItemTowerConfig:
     "Sampled candidates: encode each distinct item of a batch (history, targets, negatives) once and read its vector back by index | false: encode every occurrence (the naive recipe; same loss and gradients, more encoder work)."
     dynamic_padding: bool = True
     "Trim each step's item tokens to the longest text among its items | false: always run as many tokens as the catalogue's longest text (data.max_text_len when any text was truncated; the naive recipe: same vectors, more encoder work)."
+    bucket_items: int = 256
+    "With dynamic_padding: a call with more items than this (the full-catalogue softmax, a large batch's distinct items, catalogue encoding) is sorted by text length and run in chunks of this many, each trimmed to its own longest text (same vectors, fewer padded tokens); 0: one chunk at the longest text of all."
     attention: str = "sdpa"
     "Encoder attention: sdpa (torch's fused scaled_dot_product_attention) | eager (softmax(QK^T)V spelled out, the naive recipe; same vectors, more memory traffic)."
     activation_checkpointing: bool = False
@@ -205,6 +207,7 @@ class ItemTowerConfig:
             raise ValueError("model.item.train_layers: expected -1 (all), 0 (none) or N > 0 (top N)")
         _check_positive("model.item.lr_scale", self.lr_scale, allow_zero=True)
         _check_positive("model.item.id_init_std", self.id_init_std)
+        _check_positive("model.item.bucket_items", self.bucket_items, allow_zero=True)
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.item.id_dropout={self.id_dropout}: expected 0 <= x < 1")
 

@@ -171,22 +171,42 @@ class ItemTower(nn.Module):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self._pool_and_project(hidden, attention_mask)
 
+    def padded_chunks(self, items: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """How `forward` runs these items through the encoder: (positions into `items`, token width)
+        per chunk. With dynamic padding each chunk is trimmed to its longest text, and a call with
+        more than `bucket_items` items (the full-catalogue softmax, a large batch's distinct items)
+        is first sorted by text length, so short texts share chunks with short texts; without it,
+        one chunk at the catalogue's full width."""
+        positions = torch.arange(len(items), device=items.device)
+        if not self.cfg.dynamic_padding:
+            return [(positions, self.tokens.shape[1])]
+        lengths = self.lengths[items]
+        if self.cfg.bucket_items and len(items) > self.cfg.bucket_items:
+            chunks = lengths.argsort(stable=True).split(self.cfg.bucket_items)
+        else:
+            chunks = (positions,)
+        return [(chunk, int(lengths[chunk].max()) if len(chunk) else 1) for chunk in chunks]
+
+    def _encode_width(self, items: torch.Tensor, width: int) -> torch.Tensor:
+        mask = (torch.arange(width, device=items.device) < self.lengths[items][:, None]).long()
+        if self.frozen_cache is not None:
+            hidden = self.frozen_cache[items.to(self.frozen_cache.device), :width].to(items.device)
+            return self._pool_and_project(self._top_layers(hidden, mask), mask)
+        return self.encode_text(self.tokens[items, :width], mask)
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Vectors [n, dim] of catalogue items (indices [n]). Tokens are trimmed to the longest
-        text among these items (dynamic padding), so short titles cost what they are; with
-        `dynamic_padding=false` every item runs the catalogue's full width (same vectors, more work)."""
+        text of each chunk of `padded_chunks` (dynamic padding), so short titles cost what they
+        are; with `dynamic_padding=false` every item runs the catalogue's full width (same
+        vectors, more work)."""
         out = None
         if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
             out = self._project(self.frozen_cache[items.to(self.frozen_cache.device)].to(items.device))
         elif self.encoder is not None:
-            lengths = self.lengths[items]
-            width = (int(lengths.max()) if len(items) else 1) if self.cfg.dynamic_padding else self.tokens.shape[1]
-            mask = (torch.arange(width, device=items.device) < lengths[:, None]).long()
-            if self.frozen_cache is not None:
-                hidden = self.frozen_cache[items.to(self.frozen_cache.device), :width].to(items.device)
-                out = self._pool_and_project(self._top_layers(hidden, mask), mask)
-            else:
-                out = self.encode_text(self.tokens[items, :width], mask)
+            chunks = self.padded_chunks(items)
+            out = torch.cat([self._encode_width(items[positions], width) for positions, width in chunks])
+            if len(chunks) > 1:  # back from length order to the order asked for
+                out = out[torch.cat([positions for positions, _ in chunks]).argsort()]
         if self.id_embedding is not None:
             ids = self.id_embedding(items)
             if out is not None and self.training and self.cfg.id_dropout > 0:

@@ -57,18 +57,17 @@ class TwoTowerModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         positions = targets >= 0
-        loss_cfg = self.cfg.model.loss
-        if self.full_softmax:
-            # Candidates: every item training may know; cold items stay out, as they do of sampled negatives.
-            table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
-            states = self.model.user_states(inputs, table)
-            labels = torch.searchsorted(self.eligible, targets[positions])
-            loss = softmax_loss(states[positions], table[self.eligible], labels, loss_cfg.temperature)
-        else:
-            loss = self._sampled_loss(inputs, targets, positions)
+        loss = (self._full_loss if self.full_softmax else self._sampled_loss)(inputs, targets, positions)
         self.log("train/loss", loss, prog_bar=True, batch_size=inputs.shape[0])
         self._loss = loss.detach()  # checked for NaN/Inf once gradients are in (`_finite_step`)
         return loss
+
+    def _full_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Candidates: every item training may know; cold items stay out, as they do of sampled negatives."""
+        table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
+        states = self.model.user_states(inputs, table)
+        labels = torch.searchsorted(self.eligible, targets[positions])
+        return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature)
 
     def _sampled_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each distinct item of the batch (and of the sampled negatives) is encoded once; the

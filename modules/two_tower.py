@@ -20,10 +20,14 @@ class TwoTower(nn.Module):
 
     @torch.no_grad()
     def catalogue_vectors(self, batch_size: int) -> torch.Tensor:
-        """[N, d] vectors of every catalogue item, encoded `batch_size` items at a time."""
+        """[N, d] vectors of every catalogue item, encoded `batch_size` items at a time (in text
+        modes in order of text length, so each chunk pads to little more than its own texts)."""
         device = self.user_tower.positions.weight.device
         items = torch.arange(self.num_items, device=device)
-        return torch.cat([self.item_tower(chunk) for chunk in items.split(batch_size)])
+        if len(self.item_tower.lengths) == self.num_items:
+            items = self.item_tower.lengths.argsort(stable=True)
+        vectors = torch.cat([self.item_tower(chunk) for chunk in items.split(batch_size)])
+        return vectors[items.argsort()]
 
     def user_states(self, history: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
         """history [B, L] item indices left-padded with -1, item_vectors [N, d] -> states [B, L, d]."""

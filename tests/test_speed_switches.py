@@ -1,6 +1,7 @@
 """The speed switches change the work, not the result: `model.item.dedup=false` (encode every
 occurrence, the naive recipe) gives the dedup path's loss and gradients, `model.item.dynamic_padding=false`
-(run the catalogue's full token width) gives the same item vectors, `model.item.attention=eager` gives
+(run the catalogue's full token width) gives the same item vectors, length buckets
+(`model.item.bucket_items`) give the same loss and gradients, `model.item.attention=eager` gives
 SDPA's vectors, loss and gradients, and activation checkpointing (`model.item/user.activation_checkpointing`)
 gives the same loss and gradients while it recomputes the trainable layers. Reference: the shipped path,
 in eval mode so dropout draws nothing; checkpointing is compared in train mode, dropout included."""
@@ -88,6 +89,30 @@ def test_dynamic_padding_off_gives_the_same_vectors_with_more_tokens(tiny_bert, 
             vectors.append(tower(items))
     torch.testing.assert_close(vectors[1], vectors[0], atol=1e-5, rtol=1e-5)
     assert widths[1] == WIDTH and widths[0] == int(catalogue(tiny_bert)[1][items].max()) < WIDTH
+
+
+@pytest.mark.parametrize("train_layers", [-1, 1])
+def test_length_buckets_give_the_same_loss_and_gradients_with_fewer_tokens(tiny_bert, train_layers):
+    results, widths = [], []
+    for bucket_items in (3, 0):  # 3: eight items sorted by length, in chunks of 3, 3 and 2
+        m = module(tiny_bert, train_layers, "model.loss.candidates=full", bucket_items=bucket_items)
+        layer = m.model.item_tower.encoder.encoder.layer[-1]
+        layer.register_forward_pre_hook(lambda _, args: widths.append(tuple(args[0].shape[:2])))
+        torch.manual_seed(1)
+        loss = m._full_loss(INPUTS, TARGETS, TARGETS >= 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    assert_same_loss_and_gradients(results[0], results[1])
+    lengths = sorted(catalogue(tiny_bert)[1].tolist())
+    assert widths == [(3, lengths[2]), (3, lengths[5]), (2, lengths[7]), (len(TEXTS), lengths[7])]
+    assert lengths[2] < lengths[7]  # the short chunks ran fewer tokens
+
+
+def test_catalogue_vectors_in_length_order_are_each_items_own_vector(tiny_bert):
+    m = module(tiny_bert, 1, bucket_items=0)
+    with torch.no_grad():
+        one_pass = m.model.item_tower(torch.arange(len(TEXTS)))
+        torch.testing.assert_close(m.model.catalogue_vectors(3), one_pass, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("train_layers", [-1, 1])  # 1: `_top_layers` feeds the layer an additive mask itself
