@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from bench.process_memory import anonymous_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 from configs import load_config  # noqa: E402
+from datamodules.sequences import Histories  # noqa: E402
 from modules.lit_two_tower import TwoTowerModule  # noqa: E402
 from modules.metrics import metric_sums  # noqa: E402
 
@@ -65,7 +66,7 @@ def train_row(mode: str, batch: int, num_items: int, max_len: int, text_len: int
     build_s = time.perf_counter() - started
     cache_mb = tower.frozen_cache.numel() * 4 / 2**20 if tower.frozen_cache is not None else 0.0
     started = time.perf_counter()
-    module.training_step((inputs, targets), 0).backward()
+    module.training_step((Histories.of(inputs), targets), 0).backward()
     optimizer.step()
     seconds = time.perf_counter() - started
     return dict(mode=mode, batch=batch, items=num_items, candidates="full" if module.full_softmax else "sampled",

@@ -124,7 +124,7 @@ class Meter(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.step = dict.fromkeys(self.totals, 0)
-        self.step.update(seqs=batch[0].shape[0], positions=int((batch[1] >= 0).sum()))
+        self.step.update(seqs=batch[1].shape[0], positions=int((batch[1] >= 0).sum()))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if module.device.type == "cuda":

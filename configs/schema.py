@@ -98,6 +98,8 @@ class DataConfig:
     "table: column names of the interactions file."
     item_id_column: str = "item_id"
     "table: the id column of the items file."
+    actions: str = "auto"
+    "What each interaction's action code (the user tower's action feature) is read from: auto (the event column when the data has one, else the rating column, else none) | event | rating | none. Each distinct value is one code (at most 255), listed in manifest.json's `actions`."
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
     "Item fields joined, in this order and each with its name, into the text the item tower reads."
     on_bad_row: str = "raise"
@@ -133,6 +135,7 @@ class DataConfig:
         _check_choice("data.source", self.source, ("synthetic", "table", "movielens", "amazon"))
         _check_choice("data.on_bad_row", self.on_bad_row, ("raise", "skip"))
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
+        _check_choice("data.actions", self.actions, ("auto", "event", "rating", "none"))
         if self.source == "table" and not (self.interactions and self.items):
             raise ValueError("data.source=table needs data.interactions and data.items (file paths)")
         if self.source == "movielens" and not self.path:
@@ -230,6 +233,10 @@ class UserTowerConfig:
     "Width of each block's MLP as a multiple of model.dim (4: GPT/BERT; 1: SASRec's point-wise feed-forward)."
     activation_checkpointing: bool = False
     "Training: keep only each block's input and recompute its activations in the backward pass (less activation memory, one more forward per step; same loss and gradients, dropout included)."
+    time_gaps: bool = False
+    "Add to each history item a learned embedding of the time since the user's previous interaction, in log2 buckets (same second, 1 s, 2-3 s, 4-7 s, ... up to about a year and beyond)."
+    actions: bool = False
+    "Add to each history item a learned embedding of its action code (data.actions: the event type or the rating given)."
     max_len: int = "${data.max_len}"  # type: ignore[assignment]
     "Positions the tower can see (the data's max_len)."
 

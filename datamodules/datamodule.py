@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from configs.schema import Config
 from datamodules.prepare import read_manifest
 from datamodules.readers import DataError
-from datamodules.sequences import pad_left
+from datamodules.sequences import Histories, pad_histories, pad_left, time_gap_codes
 from datamodules.shards import (Fault, Faults, ShardError, ShardReader, check_manifest, fault_counts, read_all,
                                 read_fault_logs, shard_counts, split_reader)
 
@@ -79,9 +79,18 @@ def load_catalogue(folder: Path, manifest: dict) -> Catalogue:
     )
 
 
-def collate_training(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence s trains every next-item position: inputs s[:-1], targets s[1:]."""
-    return pad_left([s[:-1] for s in seqs]), pad_left([s[1:] for s in seqs])
+def events_of(sample: dict, items: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(items, time-gap codes, action codes) of a training sequence or an evaluation history; shards
+    prepared without times or actions (or hand-written ones) read as unknown (code 0)."""
+    seq = sample[items]
+    times, actions = sample.get("time.npy"), sample.get("action.npy")
+    gaps = time_gap_codes(times) if times is not None else np.zeros(len(seq), dtype=np.int64)
+    return seq, gaps, actions if actions is not None else np.zeros(len(seq), dtype=np.int64)
+
+
+def collate_training(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[Histories, torch.Tensor]:
+    """Each sequence s trains every next-item position: inputs s[:-1] (with their codes), targets s[1:]."""
+    return pad_histories(*([part[:-1] for part in parts] for parts in zip(*seqs))), pad_left([items[1:] for items, _, _ in seqs])
 
 
 class TrainSequences(IterableDataset):
@@ -158,8 +167,8 @@ class TrainSequences(IterableDataset):
             wds.map(usable),
             wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, stream))),
             wds.select(lambda sample: self.replay is None or sample["json"].get("new", True) or replay.random() < self.replay),
-            wds.map(lambda sample: sample["seq.npy"][-(self.max_len + 1):]),
-            wds.select(lambda seq: len(seq) >= 2),
+            wds.map(lambda sample: tuple(part[-(self.max_len + 1):] for part in events_of(sample, "seq.npy"))),
+            wds.select(lambda seq: len(seq[0]) >= 2),
             wds.batched(self.batch_size, collation_fn=collate_training, partial=self.batches_per_epoch is None),
         )
         # Workers of a rank share its batches; Lightning's loader interleaves them round-robin.
@@ -180,16 +189,16 @@ class EvalCases(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples) + self.padding
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
         if i >= len(self.samples):
-            return np.zeros(0, dtype=np.int64), -1
+            return (np.zeros(0, dtype=np.int64),) * 3, -1
         s = self.samples[i]
-        return s["history.npy"], s["json"]["target"]
+        return events_of(s, "history.npy"), s["json"]["target"]
 
-    def collate(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, batch: list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]]) -> tuple[Histories, torch.Tensor]:
         """Whole histories, so every seen item is filtered; the model reads the newest max_len.
         Padded to the batch's longest only: padding changes no user vector (see UserTower), just work."""
-        return pad_left([h for h, _ in batch]), torch.tensor([t for _, t in batch], dtype=torch.long)
+        return pad_histories(*map(list, zip(*(h for h, _ in batch)))), torch.tensor([t for _, t in batch], dtype=torch.long)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -213,12 +222,28 @@ class ShardDataModule(pl.LightningDataModule):
         self.faults = Faults(cfg.data.on_error, verbose=rank_zero_only.rank == 0)
         self.urls = check_manifest(self.folder, self.manifest, self.faults)
         self.expected = shard_counts(self.folder, self.manifest)
+        self._check_features()
         self.catalogue = load_catalogue(self.folder, self.manifest)
         self._cases: dict[str, list[dict]] = {}
 
     @property
     def num_items(self) -> int:
         return len(self.catalogue)
+
+    @property
+    def actions(self) -> list[str]:
+        """The action values coded 1, 2, ... (manifest.json's `actions`)."""
+        return self.manifest.get("actions", {}).get("values", [])
+
+    def _check_features(self) -> None:
+        """The user tower's features need shards that carry them."""
+        user = self.cfg.model.user
+        if user.time_gaps and self.manifest["schema_version"] < 2:
+            raise DataError(f"{self.folder}: prepared without per-event times (shard schema {self.manifest['schema_version']}), "
+                            "which model.user.time_gaps=true needs; prepare it again (twotower prepare --force)")
+        if user.actions and not self.actions:
+            raise DataError(f"{self.folder}: no action codes (data.actions={self.cfg.data.actions} found no event or rating "
+                            "column to read them from), which model.user.actions=true needs; set model.user.actions=false")
 
     def cases(self, split: str) -> list[dict]:
         if split not in self._cases:

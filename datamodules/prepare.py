@@ -20,9 +20,11 @@ from configs.schema import Config, DataConfig
 from datamodules import amazon, readers, synthetic
 from datamodules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
 from datamodules.shards import write_shards
-from datamodules.split import EvalCase, leave_one_out
+from datamodules.split import EvalCase, Events, leave_one_out
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"2: every sequence and history carries its items' times (`time.npy`) and action codes (`action.npy`)."
+MAX_ACTIONS = 255
 MANIFEST = "manifest.json"
 EVENTS = "events.parquet"
 "Every interaction prepared (user_id, item_id, timestamp, ...): what `prepare --append` adds to."
@@ -107,9 +109,36 @@ def time_slice(interactions: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
     return interactions[keep]
 
 
+def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] = ()) -> tuple[np.ndarray, list[str], str | None]:
+    """(each interaction's action code, the values coded 1, 2, ..., the column read) as `data.actions`
+    says; code 0 means no action. Values are the event names, or the ratings written as numbers
+    ("4", "4.5"); `known` (a catalogue prepared before) keeps its codes, new values come after."""
+    column = data.actions
+    if column == "auto":
+        column = next((c for c in ("event", "rating") if c in interactions.columns), "none")
+    if column == "none":
+        return np.zeros(len(interactions), dtype=np.int16), [], None
+    if column not in interactions.columns:
+        raise readers.DataError(f"data.actions={column}: the interactions have no {column} column "
+                                f"(columns: {', '.join(c for c in interactions.columns if c != 'line')})")
+    values = interactions[column]
+    names = values.map(lambda v: f"{v:g}") if column == "rating" else values.astype(str)
+    order = sorted(names.unique(), key=float) if column == "rating" else sorted(names.unique())
+    vocabulary = list(known) + [v for v in order if v not in set(known)]
+    if len(vocabulary) > MAX_ACTIONS:
+        raise readers.DataError(f"data.actions={column}: {len(vocabulary)} distinct values in the {column} column, at most "
+                                f"{MAX_ACTIONS} can be action codes; set data.actions=none (or another column)")
+    codes = pd.Series(np.arange(1, len(vocabulary) + 1, dtype=np.int16), index=vocabulary)
+    return codes.loc[names].to_numpy(), vocabulary, column
+
+
+def _events_members(events: Events) -> dict:
+    return {"time.npy": events.times.astype(np.float64), "action.npy": events.actions.astype(np.int16)}
+
+
 def _eval_samples(cases: list[EvalCase]):
     for n, case in enumerate(cases):
-        yield {"__key__": f"{n:09d}", "history.npy": case.history.astype(np.int32),
+        yield {"__key__": f"{n:09d}", "history.npy": case.history.astype(np.int32), **_events_members(case.events),
                "json": {"user_id": case.user_id, "target": case.target, "time": case.time}}
 
 
@@ -160,15 +189,17 @@ def prepare_append(cfg: Config) -> Path:
     since = float(new_events["timestamp"].min())
     appended = {"fingerprint": key, "since": since, "until": float(new_events["timestamp"].max()),
                 "interactions": int(len(events) - len(base_events)), "new_items": int(len(items) - len(base_items))}
-    return _write(cfg, out, events, items, skipped, manifest["fingerprint"], started, appends=[*appends, appended])
+    return _write(cfg, out, events, items, skipped, manifest["fingerprint"], started, appends=[*appends, appended],
+                  known_actions=manifest.get("actions", {}).get("values", []))
 
 
 def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFrame, skipped: dict[str, int],
-           key: str, started: float, appends: list[dict] | None = None) -> Path:
+           key: str, started: float, appends: list[dict] | None = None, known_actions: list[str] = ()) -> Path:
     """Split, tokenise and write shards + manifest into a temporary folder, then swap it into
     place. With `appends`, the newest append's window gets its own evaluation splits."""
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
-    split = leave_one_out(interactions, item_index, cfg.split)
+    codes, actions, action_column = action_codes(interactions, cfg.data, known_actions)
+    split = leave_one_out(interactions.assign(action=codes), item_index, cfg.split)
     if not split.train:
         raise readers.DataError(f"no user has {cfg.split.min_interactions} or more interactions with warm items: nothing to train on")
 
@@ -187,8 +218,9 @@ def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFra
                                   "train_count": int(split.train_counts[i]), "cold": bool(split.cold_items[i])}}
                         for i in range(len(items)))
         shards["items"] = write_shards(tmp / "items", "items", tqdm(item_samples, total=len(items), desc="items"), cfg.data.shard_max_count)
-        train_samples = ({"__key__": f"{n:09d}", "seq.npy": seq.astype(np.int32), "json": {"user_id": user, "new": new_users[n]}}
-                         for n, (user, seq) in enumerate(split.train))
+        train_samples = ({"__key__": f"{n:09d}", "seq.npy": seq.events.items.astype(np.int32), **_events_members(seq.events),
+                          "json": {"user_id": seq.user_id, "new": new_users[n]}}
+                         for n, seq in enumerate(split.train))
         shards["train"] = write_shards(tmp / "train", "train", tqdm(train_samples, total=len(split.train), desc="train"), cfg.data.shard_max_count)
         evaluation = {name: getattr(split, name) for name in ("valid", "test", "cold")}
         if since is not None:
@@ -217,6 +249,7 @@ def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFra
             "items_table": ITEMS,
             "tokenizer": {"encoder": cfg.model.item.encoder, "sha256": tokenizer_fingerprint(tokenizer), "max_text_len": cfg.data.max_text_len},
             "text_fields": list(cfg.data.text_fields),
+            "actions": {"column": action_column, "values": actions},
             "split": {"protocol": "leave-one-out by time (ties keep file order)", **asdict(cfg.split)},
             "skipped": skipped,
             "shards": {name: [f"{name}/{s}" for s in files] for name, files in shards.items()},

@@ -286,6 +286,15 @@ def _index_array(sample: dict, member: str, num_items: int | None) -> str | None
     return None
 
 
+def _events_arrays(sample: dict, items: str) -> str | None:
+    """None if the optional `time.npy` and `action.npy` are absent or 1-D arrays as long as `items`."""
+    for member in ("time.npy", "action.npy"):
+        value = sample.get(member)
+        if value is not None and not (isinstance(value, np.ndarray) and value.shape == sample[items].shape):
+            return f"{member}: expected a 1-D array as long as {items} ({len(sample[items])}), got shape {getattr(value, 'shape', '?')}"
+    return None
+
+
 def check_sample(split: str, sample: dict, num_items: int | None = None) -> str | None:
     """What decoded but cannot be right (`MEMBER: problem`), or None."""
     if not isinstance(sample["json"], dict):
@@ -294,11 +303,11 @@ def check_sample(split: str, sample: dict, num_items: int | None = None) -> str 
         index = sample["json"].get("index")
         return _index_array(sample, "tokens.npy", None) or (None if isinstance(index, int) else f"json: index {index!r} is not an integer")
     if split == "train":
-        return _index_array(sample, "seq.npy", num_items)
+        return _index_array(sample, "seq.npy", num_items) or _events_arrays(sample, "seq.npy")
     target = sample["json"].get("target")
     if not isinstance(target, int) or (num_items is not None and not 0 <= target < num_items):
         return f"json: target {target!r} is not an item index"
-    return _index_array(sample, "history.npy", num_items)
+    return _index_array(sample, "history.npy", num_items) or _events_arrays(sample, "history.npy")
 
 
 def split_reader(split: str, faults: Faults, expected: dict[str, int] | None = None, num_items: int | None = None) -> ShardReader:

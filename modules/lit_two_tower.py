@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from configs.schema import Config
+from datamodules.sequences import Histories
 from modules.distributed import rank_and_world
 from modules.losses import cross_rank_softmax_loss, expected_draws_log, softmax_loss
 from modules.metrics import metric_sums
@@ -39,11 +40,12 @@ def uses_full_softmax(cfg: Config, num_items: int) -> bool:
 
 
 class TwoTowerModule(pl.LightningModule):
-    def __init__(self, cfg: Config, num_items: int, train_counts: torch.Tensor, cold: torch.Tensor):
+    def __init__(self, cfg: Config, num_items: int, train_counts: torch.Tensor, cold: torch.Tensor, num_actions: int = 0):
         super().__init__()
-        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "num_items": num_items})
+        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "num_items": num_items,
+                                   "num_actions": num_actions})
         self.cfg = cfg
-        self.model = TwoTower(cfg.model, num_items)
+        self.model = TwoTower(cfg.model, num_items, num_actions)
         self.full_softmax = uses_full_softmax(cfg, num_items)
         # Sampler statistics: popularity of each item, and the items negatives may be drawn from.
         self.register_buffer("item_prob", (train_counts.double() + 1) / (train_counts.sum() + num_items), persistent=False)
@@ -54,29 +56,30 @@ class TwoTowerModule(pl.LightningModule):
         self._loss: torch.Tensor | None = None
 
     # ---- training -------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[Histories, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         positions = targets >= 0
         loss = (self._full_loss if self.full_softmax else self._sampled_loss)(inputs, targets, positions)
-        self.log("train/loss", loss, prog_bar=True, batch_size=inputs.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=targets.shape[0])
         self._loss = loss.detach()  # checked for NaN/Inf once gradients are in (`_finite_step`)
         return loss
 
-    def _full_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _full_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Candidates: every item training may know; cold items stay out, as they do of sampled negatives."""
         table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
         states = self.model.user_states(inputs, table)
         labels = torch.searchsorted(self.eligible, targets[positions])
         return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature)
 
-    def _sampled_loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _sampled_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each distinct item of the batch (and of the sampled negatives) is encoded once; the
         user tower reads those vectors back by index, and the softmax runs over all of them."""
         loss_cfg = self.cfg.model.loss
-        in_batch = torch.cat([inputs[inputs >= 0], targets[positions]])
+        items = inputs.items
+        in_batch = torch.cat([items[items >= 0], targets[positions]])
         negatives = self.eligible[torch.randint(len(self.eligible), (loss_cfg.num_negatives,), device=self.device)]
-        distinct, vectors, history = self._batch_item_vectors(inputs, torch.cat([in_batch, negatives]))
-        states = self.model.user_tower(history, inputs >= 0)
+        distinct, vectors, history = self._batch_item_vectors(items, torch.cat([in_batch, negatives]))
+        states = self.model.user_tower(history, items >= 0, inputs.gaps, inputs.actions)
         labels = torch.searchsorted(distinct, targets[positions])
         if rank_and_world()[1] > 1 and not loss_cfg.local_loss:
             return cross_rank_softmax_loss(states[positions], vectors, labels, distinct, loss_cfg.temperature,
@@ -117,10 +120,11 @@ class TwoTowerModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        metrics = {"train/samples_per_s": batch[0].shape[0] / elapsed, "train/peak_rss_mb": rss_mb}  # per device (rank)
+        sequences = batch[1].shape[0]
+        metrics = {"train/samples_per_s": sequences / elapsed, "train/peak_rss_mb": rss_mb}  # per device (rank)
         if self.device.type == "cuda":
             metrics["train/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.log_dict(metrics, batch_size=batch[0].shape[0])
+        self.log_dict(metrics, batch_size=sequences)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
@@ -182,13 +186,13 @@ class TwoTowerModule(pl.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}
         self._users = 0
 
-    def _rank_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _rank_batch(self, batch: tuple[Histories, torch.Tensor]) -> None:
         """Rows with target -1 pad a rank's share of users so that every rank runs the same number
         of forward passes (ZeRO-3 gathers parameters collectively); they are not scored."""
         history, target = batch
-        users = self.model.user_vectors(history[:, -self.cfg.data.max_len:], self._table)
+        users = self.model.user_vectors(history.newest(self.cfg.data.max_len), self._table)
         real = target >= 0
-        history, target, users = history[real], target[real], users[real]
+        history, target, users = history.items[real], target[real], users[real]
         if not len(target):
             return
         ev = self.cfg.eval  # ranks by <user, item>: the same order as model.scores (temperature > 0)

@@ -7,16 +7,17 @@ import torch
 from torch import nn
 
 from configs.schema import ModelConfig
+from datamodules.sequences import Histories
 from modules.item_tower import ItemTower
 from modules.user_tower import UserTower
 
 
 class TwoTower(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_items: int):
+    def __init__(self, cfg: ModelConfig, num_items: int, num_actions: int = 0):
         super().__init__()
-        self.cfg, self.num_items = cfg, num_items
+        self.cfg, self.num_items, self.num_actions = cfg, num_items, num_actions
         self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim)
-        self.user_tower = UserTower(cfg.user, cfg.dim)
+        self.user_tower = UserTower(cfg.user, cfg.dim, num_actions)
 
     @torch.no_grad()
     def catalogue_vectors(self, batch_size: int) -> torch.Tensor:
@@ -29,12 +30,13 @@ class TwoTower(nn.Module):
         vectors = torch.cat([self.item_tower(chunk) for chunk in items.split(batch_size)])
         return vectors[items.argsort()]
 
-    def user_states(self, history: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
-        """history [B, L] item indices left-padded with -1, item_vectors [N, d] -> states [B, L, d]."""
-        valid = history >= 0
-        return self.user_tower(item_vectors[history.clamp_min(0)], valid)
+    def user_states(self, history: Histories | torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """history: `Histories`, or [B, L] item indices left-padded with -1 (features unknown);
+        item_vectors [N, d] -> states [B, L, d]."""
+        items, gaps, actions = history if isinstance(history, Histories) else Histories.of(history)
+        return self.user_tower(item_vectors[items.clamp_min(0)], items >= 0, gaps, actions)
 
-    def user_vectors(self, history: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, history: Histories | torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
         """[B, d]: the state after the newest item of each history."""
         return self.user_states(history, item_vectors)[:, -1]
 

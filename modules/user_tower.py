@@ -8,7 +8,8 @@ the user vector is the last position's state. Two block designs (`model.user.arc
   a point-wise ReLU feed-forward with dropout after both linears, N(0, 0.02) linear weights, and
   padding slots zeroed after every block.
 - `pre_ln`: GPT-2/nanoGPT pre-LayerNorm blocks with a GELU MLP, the residual stream untouched.
-Attention is SDPA in both. With `activation_checkpointing` each block recomputes its activations in
+Optional features (`time_gaps`, `actions`) add a learned embedding of each history item's
+time-gap code and action code to its input, like the position's. Attention is SDPA in both. With `activation_checkpointing` each block recomputes its activations in
 the backward pass (torch restores the RNG state, so dropout draws the same masks again)."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from configs.schema import UserTowerConfig
+from datamodules.sequences import TIME_GAP_CODES
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attn_mask: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -98,7 +100,8 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 class UserTower(nn.Module):
-    def __init__(self, cfg: UserTowerConfig, dim: int):
+    def __init__(self, cfg: UserTowerConfig, dim: int, num_actions: int = 0):
+        """`num_actions`: the action codes of the data (1..num_actions; 0 is unknown)."""
         super().__init__()
         self.max_len, self.activation_checkpointing = cfg.max_len, cfg.activation_checkpointing
         self.from_start = cfg.positions == "from_start"
@@ -110,9 +113,22 @@ class UserTower(nn.Module):
         self.ln_final = nn.LayerNorm(dim, eps=block.norm_eps)
         block.initialise(self.blocks, dim)
         nn.init.normal_(self.positions.weight, std=0.02)  # N(0, 1) would drown the item vectors
+        if cfg.actions and num_actions == 0:
+            raise ValueError("model.user.actions=true, but the data has no action codes (manifest.json's actions is empty)")
+        # Built last, so that without them a seed draws the weights it always drew.
+        self.time_gaps = self._feature(TIME_GAP_CODES, dim) if cfg.time_gaps else None
+        self.actions = self._feature(num_actions + 1, dim) if cfg.actions else None
 
-    def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """item_vectors [B, L, d] (left-padded, L <= max_len), valid [B, L] -> states [B, L, d]."""
+    @staticmethod
+    def _feature(codes: int, dim: int) -> nn.Embedding:
+        table = nn.Embedding(codes, dim)
+        nn.init.normal_(table.weight, std=0.02)
+        return table
+
+    def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor, gaps: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None) -> torch.Tensor:
+        """item_vectors [B, L, d] (left-padded, L <= max_len), valid [B, L], the time-gap and action
+        codes [B, L] (read only by a tower built with those features) -> states [B, L, d]."""
         length = item_vectors.shape[1]
         if length > self.max_len:
             raise ValueError(f"history of {length} items is longer than model.user.max_len={self.max_len}")
@@ -120,8 +136,12 @@ class UserTower(nn.Module):
             positions = (valid.long().cumsum(1) - 1).clamp_min(0)
         else:  # the newest item is always position max_len - 1
             positions = torch.arange(self.max_len - length, self.max_len, device=item_vectors.device)
+        x = item_vectors * self.input_scale + self.positions(positions)
+        for table, codes in ((self.time_gaps, gaps), (self.actions, actions)):
+            if table is not None:
+                x = x + table(codes)
         keep = valid.unsqueeze(-1).to(item_vectors.dtype)
-        x = self.drop(item_vectors * self.input_scale + self.positions(positions)) * keep
+        x = self.drop(x) * keep
         mask = causal_padding_mask(valid)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

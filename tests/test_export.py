@@ -105,9 +105,9 @@ def test_loading_needs_neither_lightning_nor_deepspeed(run):
 
 def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert, tmp_path):
     cfg = load_config([], [f"model.item.encoder={tiny_bert}", "model.mode=id+text", "model.dim=8", "data.max_len=4",
-                           "data.text_fields=[title]"])
+                           "data.text_fields=[title]", "model.user.time_gaps=true", "model.user.actions=true"])
     torch.manual_seed(0)
-    model = TwoTower(cfg.model, 3).eval()
+    model = TwoTower(cfg.model, 3, num_actions=2).eval()
     with torch.no_grad():  # "fine-tune": the saved encoder must be this one, not the pretrained folder
         for p in model.item_tower.encoder.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -115,10 +115,11 @@ def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert,
     model.item_tower.set_catalogue(tokens, torch.tensor([3, 4, 2]))
     vectors = model.catalogue_vectors(2)
     exported = Exported(cfg=cfg, model=model, item_ids=["a", "b", "c"], texts=["x", "y", "z"], vectors=vectors,
-                        index=build_index(vectors.numpy(), ServingConfig()), tokenizer=load_tokenizer(tiny_bert))
+                        index=build_index(vectors.numpy(), ServingConfig()), tokenizer=load_tokenizer(tiny_bert), actions=["click", "buy"])
     write_exported(tmp_path / "export", exported, "no-checkpoint")
     reloaded = load_exported(tmp_path / "export")
     original = model.state_dict()
+    assert reloaded.actions == ["click", "buy"] and {"user_tower.time_gaps.weight", "user_tower.actions.weight"} <= set(original)
     for name, tensor in reloaded.model.state_dict().items():
         torch.testing.assert_close(tensor, original[name], msg=name)
     torch.testing.assert_close(reloaded.model.catalogue_vectors(2), vectors)

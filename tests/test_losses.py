@@ -50,6 +50,7 @@ def test_full_softmax_leaves_cold_items_out_of_the_candidates():
     """Held-out (cold) items do not exist while training: the full-catalogue loss is the float64
     cross-entropy over the warm items only, not a softmax that learns to push cold items down."""
     from configs import load_config
+    from datamodules.sequences import Histories
     from modules.lit_two_tower import TwoTowerModule
 
     cfg = load_config([], ["model.mode=id", "model.dim=8", "data.max_len=4", "model.user.dropout=0"])
@@ -58,7 +59,7 @@ def test_full_softmax_leaves_cold_items_out_of_the_candidates():
     module = TwoTowerModule(cfg, len(cold), torch.ones(len(cold)), cold).eval()
     module.log = lambda *args, **kwargs: None  # no Trainer attached
     inputs, targets = torch.tensor([[-1, 0, 2, 3], [0, 3, 5, 2]]), torch.tensor([[-1, 2, 3, 5], [3, 5, 2, 0]])
-    loss = module.training_step((inputs, targets), 0)
+    loss = module.training_step((Histories.of(inputs), targets), 0)
     with torch.no_grad():
         table = module.model.item_tower(torch.arange(len(cold)))
         states = module.model.user_states(inputs, table)[targets >= 0]

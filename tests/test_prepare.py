@@ -11,6 +11,7 @@ from configs import load_config
 from datamodules.datamodule import ShardDataModule
 from datamodules.prepare import load_raw, prepare
 from datamodules.readers import DataError
+from datamodules.shards import read_all
 
 
 def test_shards_are_tar_files_that_hold_the_split(tiny_overrides, tmp_path):
@@ -18,15 +19,17 @@ def test_shards_are_tar_files_that_hold_the_split(tiny_overrides, tmp_path):
     out = prepare(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
-    assert manifest["schema_version"] == 1 and manifest["tokenizer"]["sha256"]
+    assert manifest["schema_version"] == 2 and manifest["tokenizer"]["sha256"]
     assert counts["items"] == 120 and counts["cold_items"] > 0 and counts["cold"] > 0
     assert len(manifest["shards"]["train"]) == -(-counts["train_users"] // 100)  # size-bounded shards
 
     # Read the first training shard with nothing but the standard library.
     with tarfile.open(out / manifest["shards"]["train"][0]) as tar:
         names = tar.getnames()
-        seq = np.load(io.BytesIO(tar.extractfile(names[0] if names[0].endswith(".npy") else names[1]).read()))
-    assert {n.rsplit(".", 1)[-1] for n in names} >= {"npy", "json"} and seq.dtype == np.int32
+        first = {n.split(".", 1)[1]: np.load(io.BytesIO(tar.extractfile(n).read())) for n in names[:4] if n.endswith(".npy")}
+    assert {n.split(".", 1)[1] for n in names} >= {"seq.npy", "time.npy", "action.npy", "json"}
+    assert (first["seq.npy"].dtype, first["time.npy"].dtype, first["action.npy"].dtype) == (np.int32, np.float64, np.int16)
+    assert first["seq.npy"].shape == first["time.npy"].shape == first["action.npy"].shape
 
     # The shards hold exactly the leave-one-out split of the raw data.
     interactions, items, _ = load_raw(cfg.data)
@@ -68,3 +71,36 @@ def test_bad_input_leaves_the_previous_shards_untouched_and_no_temporary_folder(
         prepare(bad)
     assert sorted(p.relative_to(good) for p in good.rglob("*")) == before
     assert [p.name for p in good.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_each_event_keeps_its_time_and_action_code_through_shards_and_batches(tiny_overrides, tmp_path):
+    """Ratings become action codes (manifest.json lists the values), times travel with the items,
+    and a training batch's gap codes are those of the seconds between each item and the one before."""
+    interactions, items = tmp_path / "interactions.csv", tmp_path / "items.csv"
+    items.write_text("item_id,title,text\n" + "".join(f"i{n},Item {n},x\n" for n in range(6)))
+    rows = [("u1", "i0", 10, 5), ("u1", "i1", 10, 3), ("u1", "i2", 70, 4.5), ("u1", "i3", 4000, 1), ("u1", "i4", 4001, 5),
+            ("u2", "i5", 7, 3), ("u2", "i0", 9, 3), ("u2", "i1", 1e6, 5)]
+    interactions.write_text("user_id,item_id,timestamp,rating\n" + "".join(f"{u},{i},{t},{r}\n" for u, i, t, r in rows))
+    overrides = tiny_overrides + ["data.source=table", f"data.interactions={interactions}", f"data.items={items}", "data.max_len=3"]
+    out = prepare(load_config([], overrides))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["actions"] == {"column": "rating", "values": ["1", "3", "4.5", "5"]}
+    data = ShardDataModule(load_config([], overrides + ["model.user.time_gaps=true", "model.user.actions=true"]))
+    code = {"1": 1, "3": 2, "4.5": 3, "5": 4}
+    train = {s["json"]["user_id"]: s for s in read_all([str(out / s) for s in manifest["shards"]["train"]])}
+    assert train["u1"]["time.npy"].tolist() == [10, 10, 70] and train["u1"]["action.npy"].tolist() == [code["5"], code["3"], code["4.5"]]
+    test = {c["json"]["user_id"]: c for c in data.cases("test")}
+    assert test["u1"]["time.npy"].tolist() == [10, 10, 70, 4000] and test["u1"]["action.npy"].tolist() == [4, 2, 3, 1]
+
+    (inputs, targets), = list(data.train_dataset())  # u1 (i0 i1 i2); u2's one training item trains nothing
+    assert inputs.items.tolist() == [[0, 1]] and targets.tolist() == [[1, 2]]
+    # Gaps before i0 and i1: nothing before i0 (0), then 0 s (the same second: code 1).
+    assert inputs.gaps.tolist() == [[0, 1]] and inputs.actions.tolist() == [[code["5"], code["3"]]]
+
+    (history, target), = list(data.eval_dataloader("test"))
+    row = [n for n, t in enumerate(target.tolist()) if t == 4][0]  # u1: i0 i1 i2 i3 -> i4
+    # 0 s -> 1; 60 s -> 1 + floor(log2 61) = 6; 3930 s -> 1 + floor(log2 3931) = 12.
+    assert history.items[row].tolist() == [0, 1, 2, 3] and history.gaps[row].tolist() == [0, 1, 6, 12]
+
+    with pytest.raises(DataError, match="data.actions=event: the interactions have no event column"):
+        prepare(load_config([], overrides + ["data.actions=event", "data.max_text_len=15"]))

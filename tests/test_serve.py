@@ -267,3 +267,31 @@ def test_id_mode_serves_but_refuses_new_items():
     assert sorted(r["item_id"] for r in ranked) == ["c", "d"]
     refused = client.post("/items", json={"items": [{"item_id": "e", "title": "new"}]})
     assert refused.status_code == 422 and "model.mode=id" in refused.json()["detail"]
+
+
+def test_a_model_with_time_and_action_features_reads_them_from_each_history_item():
+    cfg = load_config([], ["model.mode=id", "model.dim=8", "data.max_len=4", "model.user.time_gaps=true", "model.user.actions=true"])
+    torch.manual_seed(0)
+    model = TwoTower(cfg.model, 6, num_actions=2).eval()
+    vectors = model.catalogue_vectors(6)
+    exported = Exported(cfg=cfg, model=model, item_ids=list("abcdef"), texts=[""] * 6, vectors=vectors,
+                        index=build_index(vectors.numpy(), LIMITS), tokenizer=None, actions=["1", "5"])
+    client = TestClient(build_app(Recommender(exported), LIMITS))
+    history = [{"item_id": "a", "timestamp": 100, "action": "5"}, {"item_id": "c", "timestamp": 100, "action": "1"},
+               {"item_id": "b", "timestamp": 3700, "action": 5}]
+    ranked = client.post("/recommend", json={"history": history, "k": 3}).json()["items"]
+    # Reference: the tower on hand-coded features: gaps 0 (first), 1 (same second), 1 + floor(log2 3601) = 12.
+    with torch.no_grad():
+        user = model.user_tower(vectors[[0, 2, 1]][None], torch.ones(1, 3, dtype=torch.bool),
+                                torch.tensor([[0, 1, 12]]), torch.tensor([[2, 1, 2]]))[0, -1]
+    scores = (vectors @ user).tolist()
+    expected = sorted((i for i in range(6) if i not in (0, 1, 2)), key=lambda i: -scores[i])
+    assert [r["item_id"] for r in ranked] == ["abcdef"[i] for i in expected]
+    assert [r["score"] for r in ranked] == pytest.approx([scores[i] for i in expected], rel=1e-5)
+
+    for body, words in ((["a", "c"], "reads each item's timestamp (model.user.time_gaps=true)"),
+                        ([{"item_id": "a", "timestamp": 1, "action": "5"}, {"item_id": "c", "action": "5"}], "give every item its timestamp, or none"),
+                        ([{"item_id": "a", "timestamp": 1, "action": "3"}], "unknown action(s) '3'; the model knows '1', '5'"),
+                        ([{"item_id": "a", "timestamp": 9, "action": "5"}, {"item_id": "c", "timestamp": 1, "action": "5"}], "oldest first")):
+        refused = client.post("/recommend", json={"history": body, "k": 3})
+        assert refused.status_code == 422 and words in refused.json()["detail"], refused.text

@@ -111,7 +111,7 @@ def config(tiny_bert, data: Path, *extra: str):
 
 
 def read_training(module: ShardDataModule) -> int:
-    return sum(len(batch[0]) for batch in module.train_dataset())
+    return sum(len(batch[1]) for batch in module.train_dataset())
 
 
 # ---- raise: every fault named by file and member ---------------------------------------------
@@ -248,7 +248,7 @@ def test_skip_reads_on_and_counts_what_was_lost(tiny_bert, data):
     module = ShardDataModule(config(tiny_bert, data, "data.on_error=skip", "data.num_workers=2"), fault_log=data.parent / "faults")
     module.setup("fit")
     assert len(module.cases("valid")) == len(module.cases("test")) == 299
-    assert sum(len(batch[0]) for batch in module.train_dataloader()) == 300 - (2 + 20 + 10 + 50 + 50)
+    assert sum(len(batch[1]) for batch in module.train_dataloader()) == 300 - (2 + 20 + 10 + 50 + 50)
     counts, report = module.fault_report()
     assert counts == {"data/faults": 9, "data/skipped_samples": lost, "data/skipped_shards": shards}
     for name in names:

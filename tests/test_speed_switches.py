@@ -12,6 +12,7 @@ import torch
 
 from configs import load_config
 from datamodules.item_text import load_tokenizer, tokenize
+from datamodules.sequences import Histories
 from modules.lit_two_tower import TwoTowerModule
 
 TEXTS = ["sailing boats", "a guide to jazz piano chords", "x", "the quiet harbour", "knots", "tides and moons",
@@ -49,7 +50,7 @@ def rows_encoded(m: TwoTowerModule) -> list[int]:
 
 def loss_and_gradients(m: TwoTowerModule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(1)  # the same negatives (and, in train mode, the same dropout masks)
-    loss = m._sampled_loss(INPUTS, TARGETS, TARGETS >= 0)
+    loss = m._sampled_loss(Histories.of(INPUTS), TARGETS, TARGETS >= 0)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
@@ -99,7 +100,7 @@ def test_length_buckets_give_the_same_loss_and_gradients_with_fewer_tokens(tiny_
         layer = m.model.item_tower.encoder.encoder.layer[-1]
         layer.register_forward_pre_hook(lambda _, args: widths.append(tuple(args[0].shape[:2])))
         torch.manual_seed(1)
-        loss = m._full_loss(INPUTS, TARGETS, TARGETS >= 0)
+        loss = m._full_loss(Histories.of(INPUTS), TARGETS, TARGETS >= 0)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
     assert_same_loss_and_gradients(results[0], results[1])

@@ -19,7 +19,7 @@ def test_last_is_test_second_last_is_valid_and_ties_keep_file_order():
             ("u3", "f", 1), ("u3", "e", 1), ("u3", "a", 1)]
     split = leave_one_out(frame(rows), ITEMS, SplitConfig())
     # u1 in time order: a(1) b(2) d(2) c(3)
-    assert [(u, s.tolist()) for u, s in split.train] == [("u1", [0, 1]), ("u3", [5])]
+    assert [(s.user_id, s.events.items.tolist()) for s in split.train] == [("u1", [0, 1]), ("u3", [5])]
     assert [(c.user_id, c.history.tolist(), c.target) for c in split.valid] == [("u1", [0, 1], 3), ("u3", [5], 4)]
     assert [(c.user_id, c.history.tolist(), c.target) for c in split.test] == [("u1", [0, 1, 3], 2), ("u3", [5, 4], 0)]
     assert split.dropped_users == 1 and not split.cold
@@ -32,8 +32,8 @@ def test_cold_items_leave_training_and_form_the_cold_split():
     split = leave_one_out(frame(rows), ITEMS, SplitConfig(cold_item_fraction=1 / interacted, seed=3))
     cold = int(np.flatnonzero(split.cold_items)[0])
     assert split.cold_items.sum() == 1
-    for _, seq in split.train:
-        assert cold not in seq.tolist()
+    for seq in split.train:
+        assert cold not in seq.events.items.tolist()
     for case in split.valid + split.test:
         assert cold not in case.history.tolist() and case.target != cold
     for case in split.cold:

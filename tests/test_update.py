@@ -60,7 +60,7 @@ def test_append_needs_prepared_data(tiny_overrides):
 def test_update_on_a_later_window_beats_the_stale_checkpoint(tiny_overrides, tmp_path):
     paths = _write_tables(tmp_path, tiny_overrides)
     common = [o for o in tiny_overrides if not o.startswith("trainer.max_epochs")]
-    common += ["model.mode=id", "data.source=table", "trainer.max_epochs=8"]
+    common += ["model.mode=id", "data.source=table", "trainer.max_epochs=8", "model.user.time_gaps=true"]  # fit, reload, update with a feature
     fit = twotower("fit", *common, f"data.interactions={paths['early']}", f"data.items={paths['early_items']}", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     append = twotower("prepare", "--append", *common, f"data.interactions={paths['late']}", f"data.items={paths['all_items']}", cwd=tmp_path)

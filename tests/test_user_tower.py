@@ -1,8 +1,13 @@
-"""The user tower is causal and padding-blind."""
+"""The user tower is causal and padding-blind; its time-gap and action features are embeddings
+added to the inputs."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from configs.schema import UserTowerConfig
+from datamodules.sequences import TIME_GAP_CODES, time_gap_codes
 from modules.user_tower import UserTower
 
 POSITIONS = pytest.mark.parametrize("positions", ["from_end", "from_start"])
@@ -106,3 +111,40 @@ def test_sasrec_architecture_matches_the_papers_code_in_float64():
     expected, got = ref(right, ~(torch.arange(max_len)[None] < torch.tensor(lengths)[:, None])), ours(left, valid)
     for row, n in enumerate(lengths):
         torch.testing.assert_close(got[row, max_len - n:], expected[row, :n], rtol=1e-10, atol=1e-10)
+
+
+def test_time_gap_codes_are_log2_buckets_of_the_seconds_since_the_previous_event():
+    times = np.array([100.0, 100.0, 101.0, 103.0, 106.0, 107.0, 3707.0, 1e9])
+    codes = time_gap_codes(times)
+    # Reference, one gap at a time: code 1 + min(floor(log2(gap + 1)), 26); nothing before the first.
+    expected = [0] + [1 + min(int(math.floor(math.log2(gap + 1))), 26) for gap in np.diff(times)]
+    assert codes.tolist() == expected == [0, 1, 2, 2, 3, 2, 12, 27]
+    assert codes.max() < TIME_GAP_CODES
+
+
+def featured_tower(num_actions: int = 3) -> UserTower:
+    torch.manual_seed(0)
+    cfg = UserTowerConfig(layers=2, heads=2, dropout=0.0, max_len=8, time_gaps=True, actions=True)
+    return UserTower(cfg, dim=16, num_actions=num_actions).eval()
+
+
+def test_features_add_their_embeddings_to_the_inputs_and_stay_causal():
+    tower, plain = featured_tower(), make_tower("from_start")
+    x, valid = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
+    gaps, actions = torch.tensor([[0, 3, 1, 27, 5, 2]]), torch.tensor([[1, 2, 3, 1, 0, 2]])
+    # The same weights otherwise (the feature tables are built last, after the same draws).
+    assert plain.load_state_dict(tower.state_dict(), strict=False).unexpected_keys == ["time_gaps.weight", "actions.weight"]
+    # Embedding code c of each feature is the same as adding its row to the item vector, scaled back.
+    shifted = x + (tower.time_gaps.weight[gaps] + tower.actions.weight[actions]) / tower.input_scale
+    torch.testing.assert_close(tower(x, valid, gaps, actions), plain(shifted, valid), rtol=1e-5, atol=1e-5)
+    # A later item's codes never reach an earlier position.
+    later = actions.clone()
+    later[0, 4:] = 3
+    before, after = tower(x, valid, gaps, actions), tower(x, valid, gaps, later)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def test_an_action_feature_without_action_codes_is_refused():
+    with pytest.raises(ValueError, match="model.user.actions=true, but the data has no action codes"):
+        featured_tower(num_actions=0)

@@ -29,7 +29,11 @@ def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = Non
     trained_items = state["hyper_parameters"]["num_items"]
     if trained_items != data.num_items and not (new_items and trained_items < data.num_items):
         raise ValueError(f"{checkpoint}: trained on {trained_items} items, {data.folder} has {data.num_items}")
-    module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
+    actions = state["hyper_parameters"].get("num_actions", 0)  # 0: trained before action codes existed
+    if cfg.model.user.actions and actions != len(data.actions):
+        raise ValueError(f"{checkpoint}: trained with {actions} action codes, {data.folder} has {len(data.actions)} "
+                         f"({', '.join(data.actions[:10])}); the action feature needs the same codes")
+    module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold, actions)
     weights = state["state_dict"]
     for key, fresh in module.state_dict().items():
         if key in weights and weights[key].shape[0] == trained_items < fresh.shape[0] and key.endswith("id_embedding.weight"):
@@ -47,7 +51,7 @@ def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
     users = 0
     for history, target in data.eval_dataloader(split):
         ones = counts.new_ones(len(target), 1)
-        batch = metric_sums(ones, counts, history, target, cfg.eval.ks, cfg.eval.filter_seen, cfg.eval.score_chunk_size)
+        batch = metric_sums(ones, counts, history.items, target, cfg.eval.ks, cfg.eval.filter_seen, cfg.eval.score_chunk_size)
         sums = {k: sums.get(k, 0.0) + v for k, v in batch.items()}
         users += len(target)
     return {f"{split}/{k}": float(v) / max(users, 1) for k, v in sums.items()}

@@ -33,6 +33,7 @@ def export(cfg: Config, checkpoint: str, out: str | Path, serving: ServingConfig
         cfg=trained, model=model, item_ids=list(data.catalogue.item_ids), texts=list(data.catalogue.texts),
         vectors=vectors, index=build_index(vectors.numpy(), serving),
         tokenizer=load_tokenizer(trained.model.item.encoder) if model.item_tower.uses_text else None,
+        actions=list(data.actions),
     )
     out = write_exported(Path(out), exported, checkpoint)
     print(f"export: wrote {out}: {len(exported.item_ids)} items, dim {vectors.shape[1]}, "
@@ -61,7 +62,8 @@ def write_exported(out: Path, exported: Exported, checkpoint: str) -> Path:
         save_file({"vectors": exported.vectors.cpu().contiguous()}, tmp / "item_vectors.safetensors")
         faiss.write_index(exported.index, str(tmp / "items.faiss"))
         meta = {"format_version": FORMAT_VERSION, "export_id": uuid.uuid4().hex, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
-                "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__}
+                "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__,
+                "actions": exported.actions}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         for path in tmp.rglob("*"):  # readable by a serving user other than the exporter
             path.chmod(0o755 if path.is_dir() else 0o644)

@@ -4,7 +4,7 @@ Reading needs torch, transformers, safetensors and faiss, but neither Lightning 
 a serving machine installs only what inference needs. Layout of `DIR/`:
 
     config.yaml               the resolved training config (model, text fields, max_len ...)
-    export.json               format version, export id, source checkpoint, counts, index type
+    export.json               format version, export id, source checkpoint, counts, index type, action values
     item_encoder/             the item tower's BERT (`save_pretrained`) and its tokenizer (text modes)
     towers.safetensors        every other weight: projection, ID embeddings, user tower
     item_ids.json             item index -> item id
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -50,6 +50,8 @@ class Exported:
     "The item tower's tokenizer; None in id mode."
     export_id: str = ""
     "A fresh id per written export (in export.json): a server watching the folder reloads when it changes."
+    actions: list[str] = field(default_factory=list)
+    "The action values coded 1, 2, ... (the data's manifest.json `actions`)."
 
 
 @contextmanager
@@ -82,8 +84,9 @@ def load_exported(folder: str | Path, cfg: Config | None = None) -> Exported:
     uses_text = "text" in cfg.model.mode
     if uses_text:
         cfg.model.item.encoder = str(folder / "item_encoder")  # the exported (fine-tuned) encoder
+    actions = meta.get("actions", [])
     with _quiet_transformers():
-        model = TwoTower(cfg.model, len(item_ids))
+        model = TwoTower(cfg.model, len(item_ids), len(actions))
     loaded = model.load_state_dict(load_file(folder / "towers.safetensors"), strict=False)
     missing = [k for k in loaded.missing_keys if not k.startswith(ENCODER_PREFIX)]
     if missing or loaded.unexpected_keys:
@@ -98,5 +101,5 @@ def load_exported(folder: str | Path, cfg: Config | None = None) -> Exported:
         vectors=load_file(folder / "item_vectors.safetensors")["vectors"],
         index=faiss.read_index(str(folder / "items.faiss")),
         tokenizer=load_tokenizer(str(folder / "item_encoder")) if uses_text else None,
-        export_id=meta.get("export_id", ""),
+        export_id=meta.get("export_id", ""), actions=actions,
     )

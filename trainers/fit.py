@@ -150,7 +150,7 @@ def fit(cfg: Config) -> dict[str, float]:
     with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
         prepare(cfg)
     data = ShardDataModule(cfg, fault_log=run_dir / ".data_faults")  # data.on_error=skip: what each rank skipped
-    module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold)
+    module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold, len(data.actions))
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
 
     t = cfg.trainer

@@ -1,5 +1,6 @@
 """`twotower recommend`: top-K for one history (`--history a,b,c`) or many (`--json FILE`) from an
-exported model, printed as JSON lines, one per history, in input order."""
+exported model, printed as JSON lines, one per history, in input order. In a JSON history an item
+may be `{"item_id": ..., "timestamp": ..., "action": ...}`, as `POST /recommend` takes it."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ from pathlib import Path
 
 from configs import Config
 from trainers.exported import load_exported
-from trainers.recommender import Recommender, UnknownItemsError
+from trainers.recommender import Recommender, UnknownItemsError, split_events
 
 
-def read_histories(history: str | None, json_file: str | None) -> list[list[str]]:
-    """`a,b,c` (oldest first) or a JSON file holding a list of such lists of ids."""
+def read_histories(history: str | None, json_file: str | None) -> list[list[str | dict]]:
+    """`a,b,c` (oldest first) or a JSON file holding a list of such lists of ids (or event objects)."""
     if history is not None:
         return [[i.strip() for i in history.split(",") if i.strip()]]
     try:
@@ -21,24 +22,28 @@ def read_histories(history: str | None, json_file: str | None) -> list[list[str]
         raise ValueError(f"{json_file}: cannot read a JSON list of histories: {exc}") from None
     if not isinstance(histories, list) or not all(isinstance(h, list) for h in histories):
         raise ValueError(f"{json_file}: expected a JSON list of histories, each a list of item ids")
-    return [[str(i) for i in h] for h in histories]
+    return [[i if isinstance(i, dict) else str(i) for i in h] for h in histories]
 
 
-def recommend_once(cfg: Config, model_dir: str, histories: list[list[str]], k: int, skip_unknown: bool) -> None:
+def recommend_once(cfg: Config, model_dir: str, histories: list[list[str | dict]], k: int, skip_unknown: bool) -> None:
     """Print one `{"history": [...], "items": [{"item_id", "score"}, ...]}` line per history.
-    Unknown ids raise UnknownItemsError, or with `skip_unknown` are dropped with a warning."""
+    Unknown ids raise UnknownItemsError, or with `skip_unknown` are dropped (with their timestamps
+    and actions) with a warning."""
     if not 1 <= k <= cfg.serving.max_k:
         raise ValueError(f"--k={k}: expected 1 <= k <= serving.max_k={cfg.serving.max_k}")
     recommender = Recommender(load_exported(model_dir, cfg))
-    unknown = recommender.unknown([i for h in histories for i in h])
+    ids, times, actions = split_events(histories)
+    unknown = recommender.unknown([i for h in ids for i in h])
     if unknown and not skip_unknown:
         raise UnknownItemsError(unknown)
     if unknown:
         print(f"twotower recommend: warning: skipped {UnknownItemsError(unknown)}", file=sys.stderr)
         skipped = set(unknown)
-        histories = [[i for i in h if i not in skipped] for h in histories]
-    empty = [n for n, h in enumerate(histories) if not h]
+        keep = [[i not in skipped for i in h] for h in ids]
+        ids, times, actions = ([None if v is None else [x for x, kept in zip(v, mask) if kept] for v, mask in zip(part, keep)]
+                               for part in (ids, times, actions))
+    empty = [n for n, h in enumerate(ids) if not h]
     if empty:
         raise ValueError(f"history number(s) {', '.join(str(n + 1) for n in empty)} hold no known item id")
-    for history, row in zip(histories, recommender.recommend(histories, k)):
+    for history, row in zip(ids, recommender.recommend(ids, k, (), times, actions)):
         print(json.dumps({"history": history, "items": [{"item_id": i, "score": s} for i, s in row]}))

@@ -3,8 +3,9 @@ and new items embedded by the item tower and appended to the live index. Shared 
 `twotower recommend` (one shot) and `twotower serve` (HTTP); thread-safe.
 
 The user vector comes from the history as given (newest last): the user tower reads the item
-vectors of its newest `data.max_len` items, exactly as in evaluation (`pad_left` to max_len), and
-the score of an item is <user, item> / temperature, as `TwoTower.scores` computes it.
+vectors of its newest `data.max_len` items, exactly as in evaluation (`pad_histories` to max_len),
+and the score of an item is <user, item> / temperature, as `TwoTower.scores` computes it. A model
+trained with the time-gap or action feature needs each history item's timestamp or action.
 
 `swap` replaces the served model and catalogue with a newer export (`twotower update --export`)
 while requests run: each request reads one `Served` snapshot from start to end, so it is answered
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from datamodules.sequences import pad_left
+from datamodules.sequences import pad_histories, time_gap_codes
 from datamodules.item_text import item_texts, tokenize
 from trainers.exported import Exported
 from trainers.item_index import DuplicateItemsError, ItemIndex
@@ -37,6 +38,54 @@ class UnknownItemsError(ValueError):
         shown = ", ".join(map(repr, unique[:20])) + (f" and {len(unique) - 20} more" if len(unique) > 20 else "")
         super().__init__(f"unknown item id(s): {shown}")
         self.item_ids = unique
+
+
+def split_events(histories: list[list[str | dict]]) -> tuple[list[list[str]], list[list[float] | None], list[list[str] | None]]:
+    """Histories whose items are ids or `{"item_id", "timestamp", "action"}` objects -> (ids,
+    timestamps, actions) per history, each of the latter a list with one per item, or None when no
+    item of that history has it."""
+    ids, times, actions = [], [], []
+    for number, history in enumerate(histories, start=1):
+        events = [e if isinstance(e, dict) else {"item_id": e} for e in history]
+        ids.append([str(e.get("item_id", "")) for e in events])
+        for field, out in (("timestamp", times), ("action", actions)):
+            values = [e.get(field) for e in events]
+            if any(v is None for v in values) and any(v is not None for v in values):
+                raise ValueError(f"history {number}: give every item its {field}, or none")
+            out.append(None if values[0] is None else values)
+    return ids, times, actions
+
+
+def feature_codes(exported: Exported, histories: list[list[str]], times: list[list[float] | None] | None,
+                  actions: list[list[str] | None] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(time-gap codes, action codes) per history, as training coded them; unknown (0) for a feature
+    the model does not have. Names the history and the problem when one it has is missing or bad."""
+    user, n = exported.cfg.model.user, len(histories)
+    times, actions = times or [None] * n, actions or [None] * n
+    vocabulary = {value: code for code, value in enumerate(exported.actions, start=1)}
+    gaps, codes = [], []
+    for number, (history, when, acts) in enumerate(zip(histories, times, actions), start=1):
+        for wanted, given, what in ((user.time_gaps, when, "timestamp"), (user.actions, acts, "action")):
+            if wanted and (given is None or len(given) != len(history)):
+                raise ValueError(f"history {number}: this model reads each item's {what} (model.user."
+                                 f"{'time_gaps' if what == 'timestamp' else 'actions'}=true); give one per item "
+                                 f"({len(history)}), got {'none' if given is None else len(given)}")
+        if user.time_gaps:
+            when = np.asarray(when, dtype=np.float64)
+            if not np.isfinite(when).all() or (np.diff(when) < 0).any():
+                raise ValueError(f"history {number}: timestamps must be finite epoch seconds, oldest first")
+            gaps.append(time_gap_codes(when))
+        else:
+            gaps.append(np.zeros(len(history), dtype=np.int64))
+        if user.actions:
+            unknown = sorted({str(a) for a in acts} - vocabulary.keys())
+            if unknown:
+                raise ValueError(f"history {number}: unknown action(s) {', '.join(map(repr, unknown[:10]))}; "
+                                 f"the model knows {', '.join(map(repr, exported.actions))}")
+            codes.append(np.array([vocabulary[str(a)] for a in acts], dtype=np.int64))
+        else:
+            codes.append(np.zeros(len(history), dtype=np.int64))
+    return gaps, codes
 
 
 @dataclass(frozen=True)
@@ -96,13 +145,19 @@ class Recommender:
         return len(carried)
 
     @torch.inference_mode()
-    def recommend(self, histories: list[list[str]], k: int, exclude: Sequence[str] = ()) -> list[list[tuple[str, float]]]:
+    def recommend(self, histories: list[list[str]], k: int, exclude: Sequence[str] = (),
+                  times: list[list[float] | None] | None = None,
+                  actions: list[list[str] | None] | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (item id, score) per history, best first; the history's items and `exclude` are
-        never recommended. Raises UnknownItemsError naming every id not in the catalogue."""
+        never recommended. `times` (epoch seconds) and `actions` (values of the data's action
+        column): per history, one per item, or None; the model reads those of the features it
+        was trained with (`model.user.time_gaps`, `model.user.actions`), which it then needs.
+        Raises UnknownItemsError naming every id not in the catalogue."""
         if not histories or any(not h for h in histories):
             raise ValueError("every history needs at least one item id")
         served = self._served  # one snapshot for the whole request (see `swap`)
         cfg, items = served.exported.cfg, served.items
+        gaps, codes = feature_codes(served.exported, histories, times, actions)
         with items.reading():
             positions, unknown = [], []
             for history in histories:
@@ -115,7 +170,7 @@ class Recommender:
             # Padded to the longest history of the request (at most data.max_len): the user vector
             # does not depend on padding, its cost does.
             width = min(cfg.data.max_len, max(len(p) for p in positions))
-            padded = pad_left([np.asarray(p, dtype=np.int64) for p in positions], width)
+            padded = pad_histories([np.asarray(p, dtype=np.int64) for p in positions], gaps, codes, width)
             users = served.exported.model.user_vectors(padded, items.vectors)
             skip = [set(p) | set(excluded) for p in positions]
             results = items.search(users.numpy(), k, skip)

@@ -2,6 +2,8 @@
 
     POST /recommend  {"history": [id, ...], "k": 10, "exclude": [id, ...]}
                      or {"histories": [[id, ...], ...], "k": 10}   -> top-k ids with scores
+                     a history item may be {"item_id": id, "timestamp": s, "action": a}
+                     (what a model trained with model.user.time_gaps / actions reads)
     POST /items      {"items": [{"item_id": ..., "title": ..., <other text fields>}]}
                      -> embedded by the item tower, searchable at once (no restart)
     GET  /health     status, item count, model mode, the served export's id and swap count
@@ -18,7 +20,7 @@ FastAPI runs them on its thread pool: searches run in parallel, appends one at a
 import math
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import faiss
 import torch
@@ -34,7 +36,7 @@ from configs.serving import ServingConfig
 from trainers.body_limit import BodySizeLimit
 from trainers.exported import load_exported
 from trainers.hot_reload import ExportWatcher
-from trainers.recommender import DuplicateItemsError, Recommender, UnknownItemsError
+from trainers.recommender import DuplicateItemsError, Recommender, UnknownItemsError, split_events
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 "An item id as sent: a non-empty string (a JSON number is read as its decimal string)."
@@ -43,7 +45,15 @@ STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 def request_models(limits: ServingConfig) -> tuple[type[BaseModel], type[BaseModel]]:
     """The request bodies, with the bounds of `limits` (classes are built per app for that)."""
-    History = Annotated[list[ItemId], Field(min_length=1, max_length=limits.max_history)]
+    class Event(BaseModel):
+        model_config = STRICT
+        item_id: ItemId
+        timestamp: Optional[float] = None
+        "Epoch seconds (model.user.time_gaps)."
+        action: Optional[Annotated[str, StringConstraints(max_length=512)]] = None
+        "A value of the data's action column (model.user.actions)."
+
+    History = Annotated[list[Union[ItemId, Event]], Field(min_length=1, max_length=limits.max_history)]
 
     class RecommendRequest(BaseModel):
         model_config = STRICT
@@ -138,7 +148,8 @@ def build_app(recommender: Recommender, limits: ServingConfig, watch: str | Path
     def recommend(body: RecommendRequest) -> dict:
         search_threads_here()
         histories = [body.history] if body.history is not None else body.histories
-        rows = recommender.recommend(histories, body.k, body.exclude)
+        ids, times, actions = split_events([[e if isinstance(e, str) else e.model_dump() for e in h] for h in histories])
+        rows = recommender.recommend(ids, body.k, body.exclude, times, actions)
         return _ranked(rows[0]) if body.history is not None else {"results": [_ranked(row) for row in rows]}
 
     @app.post("/items")
