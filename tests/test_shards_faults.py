@@ -42,6 +42,13 @@ def member(tar: Path, index: int, ext: str) -> str:
     return f"{sample_keys(tar)[index]}.{ext}"
 
 
+def members_of(tar: Path, index: int) -> list[str]:
+    """Sample `index`'s member names in file order (a cut before the first falls between samples)."""
+    key = sample_keys(tar)[index]
+    with tarfile.open(tar) as t:
+        return [m.name for m in t.getmembers() if m.name.split(".", 1)[0] == key]
+
+
 def garble(tar: Path, name: str) -> int:
     """Rewrite `tar` with member `name`'s bytes replaced by garbage; the samples this costs (1)."""
     with tarfile.open(tar) as t:
@@ -138,8 +145,8 @@ def _cut_inside_member(data: Path) -> str:
 
 def _cut_between_members(data: Path) -> str:
     tar = data / "train" / "train-000004.tar"
-    cut(tar, member(tar, 40, "json"), inside=False)
-    return rf"train-000004\.tar, member {member(data / 'train' / 'train-000004.tar', 39, 'seq.npy')}: holds 40 sample\(s\), the manifest says 50"
+    cut(tar, members_of(tar, 40)[0], inside=False)
+    return rf"train-000004\.tar, member {members_of(data / 'train' / 'train-000004.tar', 39)[-1]}: holds 40 sample\(s\), the manifest says 50"
 
 
 def _smashed_header(data: Path) -> str:
@@ -164,7 +171,7 @@ def _unlisted_shard(data: Path) -> str:
 
 def _wrong_shard_count(data: Path) -> str:
     edit_manifest(data, lambda m: m["shard_counts"].update({"train/train-000000.tar": 51, "train/train-000005.tar": 49}))
-    return r"train-00000[05]\.tar, member \d+\.seq\.npy: holds 50 sample\(s\), the manifest says (51|49)"
+    return r"train-00000[05]\.tar, member \d+\.time\.npy: holds 50 sample\(s\), the manifest says (51|49)"
 
 
 def _garbage_item(data: Path) -> str:
@@ -227,7 +234,7 @@ def damage_many(data: Path) -> tuple[int, int, list[str]]:
         lost += garble(train / "train-000001.tar", names[-1])
     names.append(member(train / "train-000003.tar", 30, "seq.npy"))
     lost += cut(train / "train-000003.tar", names[-1], inside=True)
-    lost += cut(train / "train-000004.tar", member(train / "train-000004.tar", 40, "json"), inside=False)
+    lost += cut(train / "train-000004.tar", members_of(train / "train-000004.tar", 40)[0], inside=False)
     lost += smash_first_header(train / "train-000000.tar")
     names.append("train-000000.tar")
     lost += len(sample_keys(train / "train-000005.tar"))
