@@ -7,10 +7,14 @@ ranked by the protocol of SPEC.md, in one table.
     python bench/quality.py --seeds 3                        # each mode with seeds 0, 1, 2, and their mean and sd
     python bench/quality.py --modes popularity,id --patience 5 --max-epochs 50 model.dim=128
     python bench/quality.py --data /path/to/ml-100k          # a folder with interactions.csv and items.csv
+    python bench/quality.py --modes id --features none,time_gaps,actions   # the user tower's features, each alone
+    python bench/quality.py --synthetic data.synthetic.stray_fraction=0.3 --features none,actions  # the built-in data
     python bench/quality.py --quick [model.item.encoder=DIR] # a smoke run on tiny built-in synthetic data
 
-Each model is one in-process `twotower fit` (run folder under `<out>/runs/<mode>`, or
-`<mode>-seed<S>` with --seeds); `key=value` overrides go to every fit. With `--seeds K` each mode
+Each model is one in-process `twotower fit` (run folder under `<out>/runs/<system>`, or
+`<system>-seed<S>` with --seeds; a system is a mode plus the user-tower features it reads, as in
+`id+actions`); `key=value` overrides go to every fit. `--features` trains each mode once per
+feature set (`none`, `time_gaps`, `actions`, `time_gaps+actions`). With `--seeds K` each mode
 trains K times (seed 0..K-1) and the table adds, per mode and split, the mean over seeds with the
 sample standard deviation of NDCG@10: one seed's noise on 943 users is as large as many of the
 differences a recipe change makes. The table (valid, test and cold HR/NDCG/MRR@10/20, best epoch, wall time
@@ -37,6 +41,8 @@ from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"
 MODES = ("popularity", "id", "text", "id+text")
+FEATURES = ("time_gaps", "actions")
+"The user tower's optional features (model.user.<name>)."
 COLD_FRACTION = 0.1
 QUICK = ["data.name=quality_quick", "data.synthetic.num_users=300", "data.synthetic.num_items=120",
          "data.synthetic.mean_events=15", "data.max_text_len=16", "data.max_len=20", "data.batch_size=64",
@@ -53,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help=f"ML-100K folder with interactions.csv and items.csv (default: {DEFAULT_DATA})")
     parser.add_argument("--quick", action="store_true", help="smoke run on tiny built-in synthetic data instead of ML-100K")
+    parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic data at its configured size instead of ML-100K")
+    parser.add_argument("--features", default="none", help="comma-separated feature sets per mode: none, or features of "
+                        "%s joined by + (default: none: those of the config)" % ", ".join(FEATURES))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from %s (default: all)" % ",".join(MODES))
     parser.add_argument("--patience", type=int, help="trainer.patience: epochs without a better val/ndcg@10 (default: the config's; --quick 1)")
     parser.add_argument("--max-epochs", type=int, help="trainer.max_epochs (default: the config's; --quick 2)")
@@ -67,7 +76,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--modes: unknown {unknown or 'empty'}; choose from {','.join(MODES)}")
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected at least 1")
+    args.features = [f.strip() for f in args.features.split(",") if f.strip()]
+    wrong = [f for f in args.features if f != "none" and not set(f.split("+")) <= set(FEATURES)]
+    if wrong or not args.features:
+        parser.error(f"--features: unknown {wrong or 'empty'}; none, or features of {', '.join(FEATURES)} joined by +")
+    if args.quick and args.synthetic:
+        parser.error("--quick and --synthetic: choose one")
     return args
+
+
+def feature_overrides(features: str) -> list[str]:
+    """`model.user.*` overrides that turn on exactly `features` (none: leave the config's)."""
+    return [] if features == "none" else [f"model.user.{f}={str(f in features.split('+')).lower()}" for f in FEATURES]
+
+
+def system_name(cfg) -> str:
+    """The mode plus the user-tower features it reads: `id`, `id+actions`, `text+time_gaps+actions`."""
+    return "+".join([cfg.model.mode, *(f for f in FEATURES if getattr(cfg.model.user, f))])
 
 
 def best_epoch(metrics_csv: Path, monitor: str) -> tuple[int, dict[str, float]]:
@@ -91,7 +116,7 @@ def fit_mode(cfg, monitor: str) -> list[dict]:
     peak = peak_rss_mb()
     best_ckpt = run_dir / "checkpoints" / "best.ckpt"  # written (atomically) when the best epoch ended
     epoch, valid = best_epoch(run_dir / "metrics.csv", monitor)
-    common = {"system": cfg.model.mode, "seed": cfg.seed, "best_epoch": epoch, "epochs": summary["epochs"],
+    common = {"system": system_name(cfg), "mode": cfg.model.mode, "seed": cfg.seed, "best_epoch": epoch, "epochs": summary["epochs"],
               "wall_to_best_s": best_ckpt.stat().st_mtime - started, "wall_s": summary["wall_s"], "peak_rss_mb": peak}
     rows = [{**common, "split": "valid", **{k.split("/", 1)[1]: v for k, v in valid.items()}}]
     for split in ("test", "cold"):
@@ -110,7 +135,7 @@ def popularity_rows(cfg, splits: list[str]) -> list[dict]:
     for split in splits:
         started = time.time()
         metrics = popularity_metrics(data, split)
-        rows.append({"system": "popularity", "split": split, **{k.split("/", 1)[1]: v for k, v in metrics.items()},
+        rows.append({"system": "popularity", "mode": "popularity", "split": split, **{k.split("/", 1)[1]: v for k, v in metrics.items()},
                      "wall_s": time.time() - started})
     return rows
 
@@ -128,7 +153,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
             ndcg = [r["ndcg@10"] for r in group]
             mean = sum(ndcg) / len(ndcg)
             sd = (sum((x - mean) ** 2 for x in ndcg) / (len(ndcg) - 1)) ** 0.5
-            means.append({"system": system, "split": split, "seed": "mean", "ndcg@10_sd": sd,
+            means.append({"system": system, "mode": group[0]["mode"], "split": split, "seed": "mean", "ndcg@10_sd": sd,
                           **{c: sum(r[c] for r in group) / len(group) for c in AVERAGED if all(c in r for r in group)}})
     return means
 
@@ -147,7 +172,7 @@ def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
         f"input history filtered (eval.filter_seen={str(cfg.eval.filter_seen).lower()}), the target never; ties count "
         f"against the target; HR/NDCG/MRR@{'/'.join(map(str, cfg.eval.ks))} averaged over all users: "
         f"{counts['valid']} valid, {counts['test']} test.{cold}\n"
-        f"Training: each mode is `twotower fit` (seed {', '.join(map(str, range(args.seeds)))}) to early stopping on val/ndcg@10 (trainer.patience="
+        f"Training: each system (a mode, plus the user-tower features it reads) is `twotower fit` (seed {', '.join(map(str, range(args.seeds)))}) to early stopping on val/ndcg@10 (trainer.patience="
         f"{t.patience}, trainer.max_epochs={t.max_epochs}); valid and test are the restored best checkpoint's. Popularity: "
         f"training counts, ranked by the same code. best_epoch is 1-based; wall_to_best_s runs from the start of `fit` "
         f"(after the shared prepare) to the write of the best checkpoint; peak_rss_mb is this process's peak RSS during "
@@ -210,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         files, source = [], "built-in synthetic data (--quick)"
         overrides = [*QUICK, f"trainer.max_epochs={2 if args.max_epochs is None else args.max_epochs}",
                      f"trainer.patience={1 if args.patience is None else args.patience}"]
+    elif args.synthetic:
+        files, source = [], "built-in synthetic data"
+        overrides = ["data.name=quality_synthetic"]
+        overrides += [f"trainer.patience={args.patience}"] if args.patience is not None else []
+        overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
     else:
         data = Path(args.data or DEFAULT_DATA).resolve()
         missing = [n for n in ("interactions.csv", "items.csv") if not (data / n).is_file()]
@@ -222,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"trainer.patience={args.patience}"] if args.patience is not None else []
         overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or REPO / "bench" / "results" / "quality" / f"{stamp}-{'quick' if args.quick else 'ml100k'}").resolve()
+    kind = "quick" if args.quick else "synthetic" if args.synthetic else "ml100k"
+    out = Path(args.out or REPO / "bench" / "results" / "quality" / f"{stamp}-{kind}").resolve()
     overrides += [f"split.cold_item_fraction={COLD_FRACTION}"] if args.cold else []
     overrides += [f"data.dir={out / 'data'}", *args.overrides]
 
@@ -230,9 +261,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         base = load_config(files, overrides)
-        fits = [load_config(files, [*overrides, f"model.mode={m}", f"seed={seed}",
-                                    f"run.dir={out / 'runs' / (m if args.seeds == 1 else f'{m}-seed{seed}')}"])
-                for m in args.modes if m != "popularity" for seed in range(args.seeds)]
+        fits = []
+        for mode in args.modes:
+            for features in args.features if mode != "popularity" else []:
+                name = system_name(load_config(files, [*overrides, f"model.mode={mode}", *feature_overrides(features)]))
+                fits += [load_config(files, [*overrides, f"model.mode={mode}", *feature_overrides(features), f"seed={seed}",
+                                             f"run.dir={out / 'runs' / (name if args.seeds == 1 else f'{name}-seed{seed}')}"])
+                         for seed in range(args.seeds)]
     except ConfigError as exc:
         print(f"bench/quality.py: config error: {exc}", file=sys.stderr)
         return 2
@@ -247,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += fit_mode(cfg, MONITOR)
     means = seed_means(rows)
     rows += means
-    rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["system"]), str(r.get("seed"))))
+    rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["mode"]), r["system"], str(r.get("seed"))))
 
     from trainers.run_folder import write_atomic
 

@@ -62,6 +62,8 @@ class SyntheticConfig:
     "Exponent of the Zipf popularity of items within a topic."
     late_item_fraction: float = 0.1
     "Share of items that exist only in the last part of the timeline (new items, cold at first)."
+    stray_fraction: float = 0.0
+    "Share of events that stray: the item is drawn from a random topic instead of the user's interests, and the event column says `skip` (others `view`); 0: no stray events and no event column."
     seed: int = 0
     "Seed of the generator: the same seed gives the same data."
 
@@ -70,6 +72,8 @@ class SyntheticConfig:
             _check_positive(f"data.synthetic.{key}", getattr(self, key))
         if not 0.0 <= self.late_item_fraction < 1.0:
             raise ValueError(f"data.synthetic.late_item_fraction={self.late_item_fraction}: expected 0 <= x < 1")
+        if not 0.0 <= self.stray_fraction < 1.0:
+            raise ValueError(f"data.synthetic.stray_fraction={self.stray_fraction}: expected 0 <= x < 1")
         if not 0.0 <= self.drift <= 1.0:
             raise ValueError(f"data.synthetic.drift={self.drift}: expected 0 <= x <= 1")
         if self.interests_per_user > self.num_topics:

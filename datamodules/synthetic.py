@@ -7,7 +7,9 @@ at a time, an interest is now and then replaced by another topic (so recent even
 each event picks a topic by the user's interest weights, then an item of that topic by its Zipf
 popularity among the items released by then that the user has not touched yet. A share of the items
 are late releases that exist only in the last part of the timeline, so some test targets are new items
-that a model trained on item ids has barely or never seen.
+that a model trained on item ids has barely or never seen. With `stray_fraction`, that share of the
+events picks a random topic instead (an accidental click), and an `event` column tells them apart
+(`skip`, else `view`): an action that says which history items to discount.
 
 `catalogue(cfg)` gives the items with their hidden topic, release time and popularity weight;
 `generate(cfg)` gives what a data set would ship: the interactions and the items' texts.
@@ -138,12 +140,19 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     user = np.repeat(np.arange(cfg.num_users), lengths)
     time = _timestamps(rng, lengths)
     interests, weights = _interests(rng, cfg, lengths)
+    stray = np.zeros(user.size, dtype=bool)
+    if cfg.stray_fraction > 0:  # from a stream of its own: without strays, a seed gives the data it always gave
+        stray_rng = np.random.default_rng(cfg.seed).spawn(3)[2]
+        stray = stray_rng.random(user.size) < cfg.stray_fraction
+        interests[stray] = stray_rng.integers(cfg.num_topics, size=(int(stray.sum()), 1))
     item = _items(rng, items, user, time, interests, weights)
     width = max(5, len(str(cfg.num_users)))
     user_ids = np.array([f"u{u:0{width}d}" for u in range(1, cfg.num_users + 1)])
     kept = item >= 0
     interactions = pd.DataFrame({"user_id": user_ids[user[kept]], "item_id": items["item_id"].to_numpy()[item[kept]],
                                  "timestamp": time[kept]})
+    if cfg.stray_fraction > 0:
+        interactions["event"] = np.where(stray[kept], "skip", "view")
     return interactions, items[["item_id", "title", "text"]].copy()
 
 

@@ -79,12 +79,12 @@ def test_seed_means_average_each_number_and_give_the_sample_sd_of_ndcg():
 
     bench = load_bench()
     ndcgs, epochs = [0.11, 0.095, 0.102], [30, 41, 28]
-    rows = [{"system": "id", "split": "test", "seed": s, "ndcg@10": n, "hr@10": 2 * n, "best_epoch": e}
+    rows = [{"system": "id+actions", "mode": "id", "split": "test", "seed": s, "ndcg@10": n, "hr@10": 2 * n, "best_epoch": e}
             for s, (n, e) in enumerate(zip(ndcgs, epochs))]
-    rows += [{"system": "text", "split": "test", "seed": 0, "ndcg@10": 0.07, "hr@10": 0.14, "best_epoch": 9},
-             {"system": "popularity", "split": "test", "ndcg@10": 0.02}]
-    (mean,) = bench.seed_means(rows)  # one seed of text and the seedless baseline get no mean row
-    assert (mean["system"], mean["split"], mean["seed"]) == ("id", "test", "mean")
+    rows += [{"system": "id", "mode": "id", "split": "test", "seed": 0, "ndcg@10": 0.07, "hr@10": 0.14, "best_epoch": 9},
+             {"system": "popularity", "mode": "popularity", "split": "test", "ndcg@10": 0.02}]
+    (mean,) = bench.seed_means(rows)  # one seed of plain id and the seedless baseline get no mean row
+    assert (mean["system"], mean["mode"], mean["split"], mean["seed"]) == ("id+actions", "id", "test", "mean")
     assert mean["ndcg@10"] == pytest.approx(statistics.fmean(ndcgs), abs=1e-15)
     assert mean["hr@10"] == pytest.approx(2 * statistics.fmean(ndcgs), abs=1e-15)
     assert mean["best_epoch"] == pytest.approx(statistics.fmean(epochs))

@@ -183,3 +183,22 @@ def test_topic_table():
 def test_fewer_items_than_topics_is_a_clear_error():
     with pytest.raises(ValueError, match=r"num_items=3.*num_topics=4"):
         generate(SyntheticConfig(num_items=3, num_topics=4))
+
+
+def test_stray_events_are_labelled_skip_and_leave_the_users_topics(data):
+    cfg, plain, _, cat = data
+    assert "event" not in plain.columns  # no strays, no event column
+    interactions, _ = generate(SyntheticConfig(**SMALL, seed=3, stray_fraction=0.3))
+    events = interactions["event"].to_numpy()
+    assert set(events) == {"view", "skip"}
+    n = len(events)
+    assert abs((events == "skip").mean() - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5  # binomial, 4 sigma
+    # A view shares the topic of the user's previous view far more often than a skip does, which
+    # is no likelier to than two random items are.
+    frame = _with_catalogue(interactions, cat)
+    earlier, later = _consecutive(frame)
+    after_view = earlier["event"].to_numpy() == "view"
+    same = earlier["topic"].to_numpy() == later["topic"].to_numpy()
+    view_rate, skip_rate = same[after_view & (later["event"] == "view")].mean(), same[after_view & (later["event"] == "skip")].mean()
+    chance = ((cat["topic"].value_counts() / len(cat)) ** 2).sum()
+    assert view_rate > 3 * chance and skip_rate < 2 * chance, (view_rate, skip_rate, chance)
