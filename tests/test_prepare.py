@@ -5,11 +5,12 @@ import json
 import tarfile
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from configs import load_config
 from datamodules.datamodule import ShardDataModule
-from datamodules.prepare import load_raw, prepare
+from datamodules.prepare import MAX_ACTIONS, action_codes, load_raw, prepare
 from datamodules.readers import DataError
 from datamodules.shards import read_all
 
@@ -104,3 +105,21 @@ def test_each_event_keeps_its_time_and_action_code_through_shards_and_batches(ti
 
     with pytest.raises(DataError, match="data.actions=event: the interactions have no event column"):
         prepare(load_config([], overrides + ["data.actions=event", "data.max_text_len=15"]))
+
+
+def test_action_codes_keep_the_codes_already_given_and_refuse_too_many_values():
+    cfg = load_config([], [])
+    frame = pd.DataFrame({"event": ["buy", "view", "cart", "view"], "rating": [1.0, 4.5, 5.0, 1.0]})
+    codes, values, column = action_codes(frame, cfg.data)
+    assert (column, values, codes.tolist()) == ("event", ["buy", "cart", "view"], [1, 3, 2, 3])  # auto: event first
+    # Appending: the prepared codes stay, new values follow.
+    codes, values, _ = action_codes(frame, cfg.data, known=["view", "like"])
+    assert values == ["view", "like", "buy", "cart"] and codes.tolist() == [3, 1, 4, 1]
+    rating = load_config([], ["data.actions=rating"]).data
+    codes, values, column = action_codes(frame, rating)
+    assert (column, values, codes.tolist()) == ("rating", ["1", "4.5", "5"], [1, 2, 3, 1])
+    none = load_config([], ["data.actions=none"]).data
+    assert action_codes(frame, none)[1:] == ([], None) and not action_codes(frame, none)[0].any()
+    many = pd.DataFrame({"event": [f"e{n}" for n in range(MAX_ACTIONS + 1)]})
+    with pytest.raises(DataError, match=f"data.actions=event: {MAX_ACTIONS + 1} distinct values in the event column, at most {MAX_ACTIONS}"):
+        action_codes(many, cfg.data)
