@@ -22,6 +22,8 @@ from trainers.evaluate import load_module
 from trainers.export import write_exported
 from trainers.exported import Exported, load_exported
 from trainers.item_index import build_index
+from trainers.recommend import read_histories, recommend_once
+from trainers.recommender import Recommender
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def test_loading_needs_neither_lightning_nor_deepspeed(run):
     assert json.loads(result.stdout) == []
 
 
-def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert, tmp_path):
+def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert, tmp_path, capsys):
     cfg = load_config([], [f"model.item.encoder={tiny_bert}", "model.mode=id+text", "model.dim=8", "data.max_len=4",
                            "data.text_fields=[title]", "model.user.time_gaps=true", "model.user.actions=true"])
     torch.manual_seed(0)
@@ -124,6 +126,15 @@ def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert,
         torch.testing.assert_close(tensor, original[name], msg=name)
     torch.testing.assert_close(reloaded.model.catalogue_vectors(2), vectors)
     assert not list(tmp_path.glob(".export.*")), "the temporary folder is gone"
+
+    # `recommend --json --skip-unknown` drops an unknown item together with its timestamp and action.
+    history = [{"item_id": "a", "timestamp": 5, "action": "buy"}, {"item_id": "zz", "timestamp": 6, "action": "click"},
+               {"item_id": "b", "timestamp": 900, "action": "click"}]
+    (tmp_path / "histories.json").write_text(json.dumps([history]))
+    recommend_once(cfg, str(tmp_path / "export"), read_histories(None, str(tmp_path / "histories.json")), 1, skip_unknown=True)
+    printed = json.loads(capsys.readouterr().out)
+    expected = Recommender(reloaded).recommend([["a", "b"]], 1, (), [[5, 900]], [["buy", "click"]])[0]
+    assert printed["history"] == ["a", "b"] and [(r["item_id"], r["score"]) for r in printed["items"]] == expected
 
 
 def test_large_catalogues_get_an_hnsw_index_that_finds_the_exact_top_10():

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--model", required=True, help="a folder written by `twotower export`")
     histories = recommend.add_mutually_exclusive_group(required=True)
     histories.add_argument("--history", help="item ids, oldest first, comma-separated: ID,ID,...")
-    histories.add_argument("--json", metavar="FILE", help="a JSON list of histories (lists of item ids)")
+    histories.add_argument("--json", metavar="FILE", help="a JSON list of histories: lists of item ids, or of "
+                           '{"item_id", "timestamp", "action"} objects for a model trained with model.user.time_gaps / actions')
     recommend.add_argument("--k", type=int, default=10, help="items per history (default: %(default)s)")
     recommend.add_argument("--skip-unknown", action="store_true", help="drop unknown ids with a warning instead of failing")
     serve = commands.add_parser("serve", help="HTTP JSON server: POST /recommend, POST /items, GET /health")
