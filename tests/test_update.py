@@ -7,12 +7,16 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from cli_runner import twotower
 from configs import load_config
+from datamodules.datamodule import ShardDataModule
 from datamodules.prepare import prepare, prepare_append
 from datamodules.readers import DataError
 from datamodules.synthetic import TIMELINE, write_time_split
+from modules.lit_two_tower import TwoTowerModule
+from trainers.evaluate import load_module
 
 CUT = 0.7 * TIMELINE
 "Events before this time train the stale model; the rest arrive later."
@@ -82,3 +86,24 @@ def test_update_without_appended_data_is_a_clear_error(tiny_overrides, tmp_path)
     prepare(load_config([], tiny_overrides))
     update = twotower("update", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.ckpt"), *tiny_overrides, cwd=tmp_path)
     assert update.returncode == 2 and "prepare --append" in update.stderr
+
+
+def test_update_grows_the_action_embeddings_for_actions_new_since_training(tiny_overrides, tmp_path):
+    """The early window knows one action (`view`), the appended one brings `skip`: the update's
+    model keeps the trained rows (and codes) and starts the new action's row fresh."""
+    paths = _write_tables(tmp_path, tiny_overrides + ["data.synthetic.stray_fraction=0.2"])
+    pd.read_csv(paths["early"]).assign(event="view").to_csv(paths["early"], index=False)
+    common = tiny_overrides + ["model.mode=id", "data.source=table", "model.user.actions=true"]
+    early = load_config([], common + [f"data.interactions={paths['early']}", f"data.items={paths['early_items']}"])
+    prepare(early)
+    trained_on = ShardDataModule(early)
+    assert trained_on.actions == ["view"]
+    trained = TwoTowerModule(early, trained_on.num_items, trained_on.catalogue.train_counts, trained_on.catalogue.cold, 1)
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}, tmp_path / "early.ckpt")
+
+    prepare_append(load_config([], common + [f"data.interactions={paths['late']}", f"data.items={paths['all_items']}"]))
+    data = ShardDataModule(early)
+    assert data.actions == ["view", "skip"]  # the code given first is kept
+    grown = load_module(str(tmp_path / "early.ckpt"), data, new_items=True).model.user_tower.actions.weight
+    old = trained.model.user_tower.actions.weight
+    assert grown.shape == (3, old.shape[1]) and torch.equal(grown[:2], old)  # rows: code 0 (none), view, then skip

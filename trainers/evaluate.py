@@ -19,8 +19,10 @@ from trainers.run_folder import metrics_table, without_prefix
 def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = None, new_items: bool = False) -> TwoTowerModule:
     """A trained module from a Lightning checkpoint (a file, or a DeepSpeed folder), wired to the
     catalogue of `data`. Its config is the checkpoint's own, or `cfg` with the checkpoint's
-    `model` section. `new_items`: the catalogue may have grown since (`prepare --append`); items
-    past the trained ones get freshly initialised ID embeddings (their text vectors need nothing)."""
+    `model` section. `new_items`: the catalogue and the action values may have grown since
+    (`prepare --append`, which keeps the codes given before); items past the trained ones get
+    freshly initialised ID embeddings (their text vectors need nothing), new actions fresh
+    action embeddings."""
     if not Path(checkpoint).exists():
         raise ValueError(f"checkpoint {checkpoint} not found (a .ckpt written by `twotower fit`)")
     state = consolidate_checkpoint(checkpoint)
@@ -29,15 +31,18 @@ def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = Non
     trained_items = state["hyper_parameters"]["num_items"]
     if trained_items != data.num_items and not (new_items and trained_items < data.num_items):
         raise ValueError(f"{checkpoint}: trained on {trained_items} items, {data.folder} has {data.num_items}")
-    actions = state["hyper_parameters"].get("num_actions", 0)  # 0: trained before action codes existed
-    if cfg.model.user.actions and actions != len(data.actions):
-        raise ValueError(f"{checkpoint}: trained with {actions} action codes, {data.folder} has {len(data.actions)} "
+    trained_actions = state["hyper_parameters"].get("num_actions", 0)  # 0: trained before action codes existed
+    actions = len(data.actions) if cfg.model.user.actions else trained_actions
+    if actions != trained_actions and not (new_items and trained_actions < actions):
+        raise ValueError(f"{checkpoint}: trained with {trained_actions} action codes, {data.folder} has {actions} "
                          f"({', '.join(data.actions[:10])}); the action feature needs the same codes")
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold, actions)
     weights = state["state_dict"]
+    trained_rows = {"id_embedding.weight": trained_items, "user_tower.actions.weight": trained_actions + 1}  # + code 0
     for key, fresh in module.state_dict().items():
-        if key in weights and weights[key].shape[0] == trained_items < fresh.shape[0] and key.endswith("id_embedding.weight"):
-            weights[key] = torch.cat([weights[key], fresh[trained_items:]])
+        rows = next((n for suffix, n in trained_rows.items() if key.endswith(suffix)), None)
+        if rows is not None and key in weights and weights[key].shape[0] == rows < fresh.shape[0]:
+            weights[key] = torch.cat([weights[key], fresh[rows:]])
     module.load_state_dict(weights)
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
     return module.eval()
