@@ -124,7 +124,8 @@ def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] 
     values = interactions[column]
     names = values.map(lambda v: f"{v:g}") if column == "rating" else values.astype(str)
     order = sorted(names.unique(), key=float) if column == "rating" else sorted(names.unique())
-    vocabulary = list(known) + [v for v in order if v not in set(known)]
+    given = set(known)
+    vocabulary = list(known) + [v for v in order if v not in given]
     if len(vocabulary) > MAX_ACTIONS:
         raise readers.DataError(f"data.actions={column}: {len(vocabulary)} distinct values in the {column} column, at most "
                                 f"{MAX_ACTIONS} can be action codes; set data.actions=none (or another column)")

@@ -15,7 +15,7 @@ from modules.user_tower import UserTower
 class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int, num_actions: int = 0):
         super().__init__()
-        self.cfg, self.num_items, self.num_actions = cfg, num_items, num_actions
+        self.cfg, self.num_items = cfg, num_items
         self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim)
         self.user_tower = UserTower(cfg.user, cfg.dim, num_actions)
 
