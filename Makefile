@@ -1,9 +1,10 @@
 # make demo: train on the built-in data (no download) and print the metrics table.
-# make test: the whole test suite.
+# make test: the whole test suite, one file per worker (pytest-xdist), TEST_WORKERS at a time.
 # Both create .venv when missing: torch first (a CPU build, so nothing pulls a CUDA one), then the package.
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test install clean
@@ -21,7 +22,7 @@ demo: install
 	$(BIN)/twotower fit run.name=demo
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf runs data wandb

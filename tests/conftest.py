@@ -10,7 +10,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(2)
+# Under pytest-xdist the cores are shared by the workers: each worker, and every process it starts
+# (OMP_NUM_THREADS is inherited), gets its share instead of all of them.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(min(2, THREADS))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
 
