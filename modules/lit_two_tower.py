@@ -14,7 +14,7 @@ from configs.schema import Config
 from datamodules.sequences import Histories
 from modules.distributed import rank_and_world
 from modules.losses import cross_rank_softmax_loss, expected_draws_log, softmax_loss
-from modules.metrics import metric_sums
+from modules.metrics import metrics_per_user, target_ranks
 from modules.two_tower import TwoTower
 
 
@@ -180,9 +180,20 @@ class TwoTowerModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- evaluation -----------------------------------------------------------------------
-    def _start_ranking(self) -> None:
+    def catalogue_table(self) -> torch.Tensor:
+        """[num_items, dim] vectors of the whole catalogue, as ranking reads them."""
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
-        self._table = self.model.catalogue_vectors(self.cfg.eval.item_batch_size)
+        return self.model.catalogue_vectors(self.cfg.eval.item_batch_size)
+
+    def target_ranks(self, history: Histories, target: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """0-based rank of each user's target over the catalogue `table` by <user, item> (the same
+        order as model.scores, temperature > 0), the history filtered when eval.filter_seen."""
+        users = self.model.user_vectors(history.newest(self.cfg.data.max_len), table)
+        ev = self.cfg.eval
+        return target_ranks(users, table, target, history.items if ev.filter_seen else None, ev.score_chunk_size)
+
+    def _start_ranking(self) -> None:
+        self._table = self.catalogue_table()
         self._sums: dict[str, torch.Tensor] = {}
         self._users = 0
 
@@ -190,15 +201,10 @@ class TwoTowerModule(pl.LightningModule):
         """Rows with target -1 pad a rank's share of users so that every rank runs the same number
         of forward passes (ZeRO-3 gathers parameters collectively); they are not scored."""
         history, target = batch
-        users = self.model.user_vectors(history.newest(self.cfg.data.max_len), self._table)
-        real = target >= 0
-        history, target, users = history.items[real], target[real], users[real]
-        if not len(target):
-            return
-        ev = self.cfg.eval  # ranks by <user, item>: the same order as model.scores (temperature > 0)
-        for name, total in metric_sums(users, self._table, history, target, ev.ks, ev.filter_seen, ev.score_chunk_size).items():
-            self._sums[name] = self._sums.get(name, 0.0) + total
-        self._users += len(target)
+        ranks = self.target_ranks(history, target, self._table)[target >= 0]
+        for name, values in metrics_per_user(ranks, self.cfg.eval.ks).items():
+            self._sums[name] = self._sums.get(name, 0.0) + values.sum()
+        self._users += len(ranks)
 
     def _log_ranking(self, prefix: str) -> None:
         """Sums and user counts are reduced over ranks, so the means weight every user equally."""

@@ -1,11 +1,13 @@
 """bench/quality.py --quick end to end on the tiny random BERT: the Markdown, CSV and PNG are
 written, and every number in the CSV is the one its run folder holds (summary.json, and
-metrics.csv's best epoch for valid), read here independently of the bench's own code."""
+metrics.csv's best epoch for valid), read here independently of the bench's own code; and
+bench/paired.py, on the same run, gives back the fit's numbers user by user."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,17 +30,27 @@ def best_val_row(metrics_csv: Path) -> dict:
     return next(r for r in rows if float(r["val/ndcg@10"]) == top)
 
 
-def test_quick_table_equals_the_runs(tiny_bert, tmp_path, capsys):
-    out = tmp_path / "results"
-    modes = ("id+text",)  # the bench treats every mode alike; one keeps the test near 30 s on 2 cores
-    assert load_bench().main(["--quick", "--cold", "--modes", "popularity," + ",".join(modes), "--out", str(out),
+MODES = ("id+text",)
+"The bench treats every mode alike; one keeps the run near 30 s on 2 cores."
+
+
+@pytest.fixture(scope="module")
+def quick(tiny_bert, tmp_path_factory) -> Path:
+    """`bench/quality.py --quick --cold` into a results folder shared by this module's tests."""
+    out = tmp_path_factory.mktemp("quality") / "results"
+    assert load_bench().main(["--quick", "--cold", "--modes", "popularity," + ",".join(MODES), "--out", str(out),
                               f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1"]) == 0
-    assert "| system | split |" in capsys.readouterr().out
+    return out
+
+
+def test_quick_table_equals_the_runs(quick):
+    out, modes = quick, MODES
     for name in ("quality.md", "quality.csv"):
         assert (out / name).stat().st_size > 0
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
     md = (out / "quality.md").read_text()
+    assert "| system | split |" in md
     for stated in ("leave-one-out by time", "full ranking over all 120 items", "eval.filter_seen=true",
                    "300 valid, 300 test", "split.cold_item_fraction=0.1", "trainer.patience=1, trainer.max_epochs=2"):
         assert stated in md
@@ -61,6 +73,40 @@ def test_quick_table_equals_the_runs(tiny_bert, tmp_path, capsys):
         assert int(valid["epochs"]) == summary["epochs"] and 1 <= int(valid["best_epoch"]) <= summary["epochs"]
         assert 0 < float(valid["wall_to_best_s"]) <= float(valid["wall_s"]) == summary["wall_s"]
         assert float(valid["peak_rss_mb"]) > 0
+
+
+def test_paired_ranks_are_the_runs_and_their_errors_are_the_textbook_ones(quick, tmp_path, capsys):
+    """bench/paired.py re-ranks the quick run's users: each system's per-user ranks give back the
+    NDCG@10 that the fit (and its popularity baseline) reported, and the table's standard errors
+    and paired differences are the textbook ones, recomputed here from the per-user CSV."""
+    import statistics
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("bench_paired", BENCH.with_name("paired.py"))
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    run = quick / "runs" / "id+text"
+    assert paired.main([str(run), "--out", str(tmp_path / "per_user.csv")]) == 0
+    printed = capsys.readouterr().out
+    users = pd.read_csv(tmp_path / "per_user.csv", dtype={"user_id": str})
+    summary = json.loads((run / "summary.json").read_text())
+
+    def ndcg(ranks) -> list[float]:  # SPEC.md: one target, 0-based rank
+        return [1 / math.log2(r + 2) if r < 10 else 0.0 for r in ranks]
+
+    for split, key in (("test", "test/ndcg@10"), ("valid", "best/val/ndcg@10")):
+        mine = users[(users.split == split) & (users.system == "id+text")]
+        pop = users[(users.split == split) & (users.system == "popularity")]
+        assert len(mine) == len(pop) == 300 and list(mine.user_id) == list(pop.user_id)
+        assert statistics.fmean(ndcg(mine["rank"])) == pytest.approx(summary[key], abs=1e-6)
+        if split == "test":
+            assert statistics.fmean(ndcg(pop["rank"])) == pytest.approx(summary["popularity/test/ndcg@10"], abs=1e-12)
+        diff = [a - b for a, b in zip(ndcg(pop["rank"]), ndcg(mine["rank"]))]
+        row = f"| {split} | all | 300 | popularity | {statistics.fmean(ndcg(pop['rank'])):.4f} | " \
+              f"{statistics.stdev(ndcg(pop['rank'])) / math.sqrt(300):.4f} | {statistics.fmean(diff):.4f} | " \
+              f"{statistics.stdev(diff) / math.sqrt(300):.4f} |"
+        assert row in printed, (row, printed)
 
 
 def test_missing_data_skips_or_fails_with_the_path(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import torch
 from configs import Config, from_container
 from datamodules.datamodule import ShardDataModule
 from modules.lit_two_tower import TwoTowerModule
-from modules.metrics import metric_sums
+from modules.metrics import metrics_per_user, target_ranks
 from trainers.checkpoints import consolidate_checkpoint
 from trainers.run_folder import metrics_table, without_prefix
 
@@ -48,18 +48,20 @@ def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = Non
     return module.eval()
 
 
-def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
-    """Every user gets the same ranking: items by training popularity (seen items filtered)."""
-    cfg = data.cfg
+def popularity_ranks(data: ShardDataModule, split: str) -> torch.Tensor:
+    """0-based rank of each `split` user's target when every user gets the same ranking: items by
+    training popularity (the history filtered when eval.filter_seen)."""
+    ev = data.cfg.eval
     counts = data.catalogue.train_counts.double()[:, None]  # score <1, count>: exact in float64
-    sums: dict[str, torch.Tensor] = {}
-    users = 0
-    for history, target in data.eval_dataloader(split):
-        ones = counts.new_ones(len(target), 1)
-        batch = metric_sums(ones, counts, history.items, target, cfg.eval.ks, cfg.eval.filter_seen, cfg.eval.score_chunk_size)
-        sums = {k: sums.get(k, 0.0) + v for k, v in batch.items()}
-        users += len(target)
-    return {f"{split}/{k}": float(v) / max(users, 1) for k, v in sums.items()}
+    ranks = [target_ranks(counts.new_ones(len(target), 1), counts, target, history.items if ev.filter_seen else None,
+                          ev.score_chunk_size) for history, target in data.eval_dataloader(split)]
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
+    """The popularity baseline's metrics, averaged over the users of `split`."""
+    per_user = metrics_per_user(popularity_ranks(data, split), data.cfg.eval.ks)
+    return {f"{split}/{k}": v.mean().item() if len(v) else 0.0 for k, v in per_user.items()}
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, float]:
