@@ -139,7 +139,8 @@ def base(tiny_bert, tmp_path_factory) -> list[str]:
             "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.synthetic.mean_events=15",
             "data.max_text_len=16", "data.max_len=20", "data.batch_size=64", "data.shuffle_buffer=50",
             "trainer.warmup_steps=2", "model.loss.num_negatives=32", f"data.dir={data}", *TWO_CPU,
-            "model.item.bucket_items=64"]  # two length buckets per step: each strategy sees the encoder called twice
+            "model.item.bucket_items=64",  # two length buckets per step: each strategy sees the encoder called twice
+            "data.synthetic.stray_fraction=0.2", "model.user.time_gaps=true", "model.user.actions=true"]  # and both features
 
 
 @pytest.fixture(scope="module")
