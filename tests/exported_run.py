@@ -6,8 +6,12 @@ new item whose text repeats a history's items is recommended for that history, w
 encoder that knows which texts are alike (with the random BERT that is a coin flip)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+from filelock import FileLock
 
 from cli_runner import twotower
 
@@ -26,18 +30,22 @@ class ExportedRun:
         return self.run / "checkpoints" / "best.ckpt"
 
 
-def exported_run(tiny_overrides: list[str], cache: Path) -> ExportedRun:
-    """Fit and export into `cache` unless an earlier test of this session did already (the
-    `done` marker is written last, so a failed attempt is retried rather than reused)."""
+def exported_run(tiny_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> ExportedRun:
+    """Fit and export once per test session, under a lock in a folder that every pytest-xdist
+    worker of the session shares (the parent of their temporary folders); the `done` marker is
+    written last, so a failed attempt is retried rather than reused. Tests read the result only."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "exported-run"
     result = ExportedRun(run=cache / "run", model=cache / "export")
-    if (cache / "done").is_file():
-        return result
     cache.mkdir(parents=True, exist_ok=True)
-    overrides = [o for o in tiny_overrides if not o.startswith(("data.dir=", "run.dir="))]
-    overrides += [f"data.dir={cache / 'data'}", f"run.dir={result.run}", *MODEL_OVERRIDES]
-    fit = twotower("fit", *overrides, cwd=cache)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    export = twotower("export", "--checkpoint", str(result.checkpoint), "--out", str(result.model), cwd=cache)
-    assert export.returncode == 0, export.stderr[-3000:]
-    (cache / "done").touch()
+    with FileLock(cache.with_name("exported-run.lock")):
+        if (cache / "done").is_file():
+            return result
+        overrides = [o for o in tiny_overrides if not o.startswith(("data.dir=", "run.dir="))]
+        overrides += [f"data.dir={cache / 'data'}", f"run.dir={result.run}", *MODEL_OVERRIDES]
+        fit = twotower("fit", *overrides, cwd=cache)
+        assert fit.returncode == 0, fit.stderr[-3000:]
+        export = twotower("export", "--checkpoint", str(result.checkpoint), "--out", str(result.model), cwd=cache)
+        assert export.returncode == 0, export.stderr[-3000:]
+        (cache / "done").touch()
     return result

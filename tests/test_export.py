@@ -28,7 +28,7 @@ from trainers.recommender import Recommender
 
 @pytest.fixture
 def run(tiny_overrides, tmp_path_factory):
-    return exported_run(tiny_overrides, tmp_path_factory.getbasetemp() / "exported-run")
+    return exported_run(tiny_overrides, tmp_path_factory)
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def start_server(model: Path, log: Path, timeout: float = 300) -> Server:
 
 @pytest.fixture
 def run(tiny_overrides, tmp_path_factory):
-    return exported_run(tiny_overrides, tmp_path_factory.getbasetemp() / "exported-run")
+    return exported_run(tiny_overrides, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

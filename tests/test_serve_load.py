@@ -253,7 +253,7 @@ WORKER_THREADS = 40
 
 @pytest.mark.slow
 def test_ten_thousand_requests_good_and_bad_at_1_8_32_connections(tiny_overrides, tmp_path_factory, tmp_path):
-    run = exported_run(tiny_overrides, tmp_path_factory.getbasetemp() / "exported-run")
+    run = exported_run(tiny_overrides, tmp_path_factory)
     item_ids = json.loads((run.model / "item_ids.json").read_text())
     server = start_server(run.model, tmp_path / "server.log")
     pid = server.process.pid

@@ -20,7 +20,7 @@ from test_serve import start_server
 
 @pytest.mark.slow
 def test_swapping_the_export_under_a_request_stream_drops_nothing(tiny_overrides, tmp_path_factory, tmp_path):
-    run = exported_run(tiny_overrides, tmp_path_factory.getbasetemp() / "exported-run")
+    run = exported_run(tiny_overrides, tmp_path_factory)
     served = tmp_path / "served"
     shutil.copytree(run.model, served)
     config = OmegaConf.load(served / "config.yaml")
