@@ -30,6 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.quality import markdown  # noqa: E402
+
 SPLITS = ("valid", "test")
 GROUPS = (("all", None), ("same second", True), ("later", False))
 "Rows per system and split: every user, then the users whose target shares its second with the event before it, then the rest."
@@ -38,7 +40,7 @@ GROUPS = (("all", None), ("same second", True), ("later", False))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (config.yaml, checkpoints/best.ckpt)")
-    parser.add_argument("--metric", default="ndcg@10", help="hr@K, ndcg@K or mrr@K, K in eval.ks (default: ndcg@10)")
+    parser.add_argument("--metric", default="ndcg@10", help="hr@K, ndcg@K or mrr@K (default: ndcg@10)")
     parser.add_argument("--out", type=Path, help="also write every user's target rank per system and split to this CSV")
     return parser.parse_args(argv)
 
@@ -114,13 +116,6 @@ def table_rows(ranks: dict, tied: dict[str, np.ndarray], metric: str, base: str)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    cell = lambda v: "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-                     + ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows])
-
-
 def write_per_user(path: Path, ranks: dict, users: dict[str, list[str]], tied: dict[str, np.ndarray]) -> None:
     import pandas as pd
 
@@ -133,15 +128,17 @@ def write_per_user(path: Path, ranks: dict, users: dict[str, list[str]], tied: d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.metric.split("@")[0] in ("hr", "ndcg", "mrr") or not args.metric.split("@")[-1].isdigit():
+    if args.metric.split("@")[0] not in ("hr", "ndcg", "mrr") or not args.metric.split("@")[-1].isdigit():
         raise SystemExit(f"paired: --metric {args.metric}: expected hr@K, ndcg@K or mrr@K")
+    if len({run.name for run in args.runs}) < len(args.runs):
+        raise SystemExit(f"paired: the run folders must have distinct names (the table's systems): {' '.join(map(str, args.runs))}")
     ranks, users, tied = rank_runs(args.runs)
     if any(t is None for t in tied.values()):
         print("paired: the shards hold no event times (prepared before schema 2): no same-second rows", file=sys.stderr)
     rows = table_rows(ranks, tied, args.metric, args.runs[0].name)
     print(f"Paired per-user {args.metric} of {', '.join(str(r) for r in args.runs)} (best checkpoints) and popularity; "
           f"se: standard error over users; paired se: of the per-user difference to {args.runs[0].name}.")
-    print(markdown(rows))
+    print(markdown(rows, list(rows[0])))
     for run in args.runs:  # fit's own numbers for the same checkpoints: nothing here may rank differently
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         said = [f"{key} {summary[key]:.4f}" for key in (f"best/val/{args.metric}", f"test/{args.metric}") if key in summary]
