@@ -14,10 +14,10 @@ GPUS=$(nvidia-smi -L | grep -c '^GPU')
 OUT=${OUT:-/tmp/twotower-gpu-check}
 TINY="data.synthetic.num_users=600 data.synthetic.num_items=300 trainer.max_epochs=1 data.dir=$OUT/data trainer.accelerator=gpu trainer.devices=$GPUS trainer.precision=bf16-mixed"
 run() { local name=$1; shift; local t0=$SECONDS
-  "$PY" -m trainers fit $TINY run.dir="$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
+  "$PY" -m twotower fit $TINY run.dir="$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
     && echo "ok   $name  $((SECONDS - t0))s" || { echo "FAIL $name (see $OUT/$name.log)"; tail -20 "$OUT/$name.log"; }; }
 mkdir -p "$OUT"
 run ddp trainer.strategy=ddp
 run zero2 trainer.strategy=deepspeed trainer.zero_stage=2
 run zero3_offload -c configs/trainer/deepspeed_zero3_offload.yaml trainer.devices=$GPUS
-"$PY" -c "from trainers.checkpoints import consolidate_checkpoint as c; s=c('$OUT/zero3_offload/checkpoints/best.ckpt'); print('ok   consolidate', len(s['state_dict']), 'tensors')"
+"$PY" -c "from twotower.trainers.checkpoints import consolidate_checkpoint as c; s=c('$OUT/zero3_offload/checkpoints/best.ckpt'); print('ok   consolidate', len(s['state_dict']), 'tensors')"

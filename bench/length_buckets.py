@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from configs.schema import ItemTowerConfig, SyntheticConfig  # noqa: E402
-from datamodules.item_text import item_texts, load_tokenizer, tokenize  # noqa: E402
-from datamodules.synthetic import catalogue as synthetic_catalogue  # noqa: E402
-from modules.item_tower import ItemTower  # noqa: E402
+from twotower.configs.schema import ItemTowerConfig, SyntheticConfig  # noqa: E402
+from twotower.modules.item_text import item_texts, load_tokenizer, tokenize  # noqa: E402
+from twotower.datamodules.synthetic import catalogue as synthetic_catalogue  # noqa: E402
+from twotower.modules.item_tower import ItemTower  # noqa: E402
 
 DEFAULT_ITEMS = REPO.parent / "shared" / "data" / "ml-100k" / "items.csv"
 
@@ -38,7 +38,7 @@ DEFAULT_ITEMS = REPO.parent / "shared" / "data" / "ml-100k" / "items.csv"
 def catalogue(args: argparse.Namespace) -> tuple[str, list[str]]:
     if args.quick:
         items = synthetic_catalogue(SyntheticConfig(num_items=200))
-        return "synthetic, 200 items", item_texts(items, ["title", "text"])
+        return "synthetic, 200 items", item_texts(items.to_dict("records"), ["title", "text"])
     path = Path(args.items or DEFAULT_ITEMS)
     if not path.is_file():
         print(f"bench/length_buckets.py: skipped: no items file at {path} (pass --items FILE or --quick)")
@@ -47,7 +47,7 @@ def catalogue(args: argparse.Namespace) -> tuple[str, list[str]]:
     missing = [f for f in args.fields.split(",") if f not in items.columns]
     if missing:
         sys.exit(f"{path}: no column {', '.join(missing)} (have {', '.join(items.columns)}); pass --fields")
-    return str(path), item_texts(items, args.fields.split(","))
+    return str(path), item_texts(items.to_dict("records"), args.fields.split(","))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.quality import markdown  # noqa: E402
+from twotower.files import atomic_file  # noqa: E402
+from twotower.tables import markdown_table  # noqa: E402
 
 SPLITS = ("valid", "test")
 GROUPS = (("all", None), ("same second", True), ("later", False))
@@ -57,9 +57,9 @@ def rank_runs(runs: list[Path]) -> tuple[dict, dict[str, list[str]], dict[str, n
     """ranks[split][system] (0-based target ranks per user), the user ids and `same_second` per split."""
     import torch
 
-    from configs import load_config
-    from datamodules.datamodule import ShardDataModule
-    from trainers.evaluate import load_module, popularity_ranks
+    from twotower.configs import load_config
+    from twotower.datamodules.datamodule import ShardDataModule
+    from twotower.trainers.evaluate import load_module, popularity_ranks
 
     data, ranks, users, tied = None, {s: {} for s in SPLITS}, {}, {}
     for run in runs:
@@ -86,7 +86,7 @@ def rank_runs(runs: list[Path]) -> tuple[dict, dict[str, list[str]], dict[str, n
 
 def metric_of(ranks: np.ndarray, metric: str) -> np.ndarray:
     """Per-user HR/NDCG/MRR@K from 0-based ranks (modules/metrics.py's definitions)."""
-    from modules.metrics import metrics_per_user
+    from twotower.modules.metrics import metrics_per_user
     import torch
 
     return metrics_per_user(torch.from_numpy(ranks), [int(metric.split("@")[1])])[metric].numpy()
@@ -121,9 +121,8 @@ def write_per_user(path: Path, ranks: dict, users: dict[str, list[str]], tied: d
 
     frames = [pd.DataFrame({"user_id": users[split], "split": split, "system": name, "rank": r, "same_second": tied[split]})
               for split in SPLITS for name, r in ranks[split].items()]
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pd.concat(frames).to_csv(partial, index=False)  # same_second is empty where the shards hold no times
-    partial.replace(path)
+    with atomic_file(path) as partial:
+        pd.concat(frames).to_csv(partial, index=False)  # same_second is empty where the shards hold no times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(ranks, tied, args.metric, args.runs[0].name)
     print(f"Paired per-user {args.metric} of {', '.join(str(r) for r in args.runs)} (best checkpoints) and popularity; "
           f"se: standard error over users; paired se: of the per-user difference to {args.runs[0].name}.")
-    print(markdown(rows, list(rows[0])))
+    print(markdown_table(rows, list(rows[0])))
     for run in args.runs:  # fit's own numbers for the same checkpoints: nothing here may rank differently
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         said = [f"{key} {summary[key]:.4f}" for key in (f"best/val/{args.metric}", f"test/{args.metric}") if key in summary]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import os
 import platform
 import shutil
@@ -38,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
+from twotower.files import write_text  # noqa: E402
+from twotower.tables import csv_table, markdown_table  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"
@@ -107,7 +108,7 @@ def best_epoch(metrics_csv: Path, monitor: str) -> tuple[int, dict[str, float]]:
 
 def fit_mode(cfg, monitor: str) -> list[dict]:
     """One `twotower fit` in this process; its rows (valid, test, cold) read back from the run folder."""
-    from trainers.fit import fit
+    from twotower.trainers.fit import fit
 
     run_dir = Path(cfg.run.dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale best.ckpt would make Lightning write best-v1.ckpt
@@ -128,8 +129,8 @@ def fit_mode(cfg, monitor: str) -> list[dict]:
 
 def popularity_rows(cfg, splits: list[str]) -> list[dict]:
     """Items by training count, ranked by the same code as the models (trainers/evaluate.py)."""
-    from datamodules.datamodule import ShardDataModule
-    from trainers.evaluate import popularity_metrics
+    from twotower.datamodules.datamodule import ShardDataModule
+    from twotower.trainers.evaluate import popularity_metrics
 
     data = ShardDataModule(cfg)
     rows = []
@@ -183,31 +184,13 @@ def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
         f"{__import__('torch').get_num_threads()}, Python {platform.python_version()}.")
 
 
-def _cell(value) -> str:
-    if value is None or value == "":
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
-    return str(value)
-
-
 def markdown(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)  # floats as repr: they read back equal to summary.json's
-    return buffer.getvalue()
+    return markdown_table(rows, columns)
 
 
 def plot(rows: list[dict], path: Path, ks: list[int]) -> None:
     """One panel per split, HR/NDCG/MRR at each cut-off, one bar per system."""
-    from trainers.run_folder import plt
+    from twotower.trainers.run_folder import plt, save_figure
 
     splits = list(dict.fromkeys(r["split"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
@@ -222,11 +205,7 @@ def plot(rows: list[dict], path: Path, ks: list[int]) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.upper() for n in names], rotation=30)
         ax.set(title=split)
     axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"split.cold_item_fraction={COLD_FRACTION}"] if args.cold else []
     overrides += [f"data.dir={out / 'data'}", *args.overrides]
 
-    from configs import ConfigError, load_config
+    from twotower.configs import ConfigError, load_config
 
     try:
         base = load_config(files, overrides)
@@ -272,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bench/quality.py: config error: {exc}", file=sys.stderr)
         return 2
-    from datamodules.prepare import prepare, read_manifest
-    from trainers.fit import MONITOR
+    from twotower.datamodules.prepare import prepare, read_manifest
+    from twotower.trainers.fit import MONITOR
 
     prepare(base)  # once; every fit then finds the shards up to date
     manifest = read_manifest(base.data.dir)
@@ -285,11 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     rows += means
     rows.sort(key=lambda r: (splits.index(r["split"]), args.modes.index(r["mode"]), r["system"], str(r.get("seed"))))
 
-    from trainers.run_folder import write_atomic
-
     table, text = markdown(rows), protocol(base, manifest, args, source)
-    write_atomic(out / "quality.md", f"# Recommendation quality\n\n{table}\n\n{text}\n\n![quality](quality.png)\n")
-    write_atomic(out / "quality.csv", csv_text(rows))
+    write_text(out / "quality.md", f"# Recommendation quality\n\n{table}\n\n{text}\n\n![quality](quality.png)\n")
+    write_text(out / "quality.csv", csv_table(rows, COLUMNS))
     plot([r for r in rows if args.seeds == 1 or r.get("seed") in (None, "mean")], out / "quality.png", list(base.eval.ks))
     print(f"\n{table}\n\n{text}\n\nwritten to {out}/{{quality.md,quality.csv,quality.png}}; run folders in {out / 'runs'}")
     return 0

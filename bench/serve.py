@@ -5,7 +5,7 @@
     .venv/bin/python bench/serve.py --sizes 1000000 --requests 4000 serving.hnsw_ef_search=128
 
 For each catalogue size it writes (or reuses, from --workdir) a synthetic export folder with
-`trainers.export.write_exported`, starts `python -m trainers serve` on a loopback port (exactly as
+`twotower.serving.export_format.write_exported`, starts `python -m twotower serve` on a loopback port (exactly as
 the CLI does) and measures, with an asyncio + aiohttp load generator on keep-alive connections
 (aiohttp: about a third of httpx's client CPU per request here, so the generator stays small
 next to the server on a 2-core machine; `pip install -e '.[bench]'`):
@@ -57,13 +57,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from configs import Config, load_config  # noqa: E402
-from datamodules.item_text import load_tokenizer  # noqa: E402
-from datamodules.sequences import pad_left  # noqa: E402
-from modules.two_tower import TwoTower  # noqa: E402
-from trainers.export import write_exported  # noqa: E402
-from trainers.exported import Exported, load_exported  # noqa: E402
-from trainers.item_index import build_index  # noqa: E402
+from twotower.configs import Config, load_config  # noqa: E402
+from twotower.modules.item_text import load_tokenizer  # noqa: E402
+from twotower.modules.histories import pad_left  # noqa: E402
+from twotower.modules.two_tower import TwoTower  # noqa: E402
+from twotower.trainers.export import write_exported  # noqa: E402
+from twotower.serving.export_format import Exported, load_exported  # noqa: E402
+from twotower.serving.item_index import build_index  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 WORDS = "comet orbit galaxy lens tide reef canyon glacier harbor violin sonata lantern ember quartz meadow falcon".split()
@@ -247,7 +247,7 @@ def start_server(folder: Path, overrides: list[str], log: Path) -> Server:
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainers", "serve", "--model", str(folder), "--port", str(port), *overrides],
+        process = subprocess.Popen([sys.executable, "-m", "twotower", "serve", "--model", str(folder), "--port", str(port), *overrides],
                                    stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     while time.perf_counter() - start < 600:
         if process.poll() is not None:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs import load_config  # noqa: E402
-from datamodules.prepare import prepare_append, read_manifest  # noqa: E402
-from datamodules.synthetic import TIMELINE, write_time_split  # noqa: E402
-from trainers.evaluate import evaluate_checkpoint  # noqa: E402
-from trainers.fit import fit  # noqa: E402
-from trainers.update import update  # noqa: E402
+from twotower.configs import load_config  # noqa: E402
+from twotower.datamodules.prepare import prepare_append, read_manifest  # noqa: E402
+from twotower.datamodules.synthetic import TIMELINE, write_time_split  # noqa: E402
+from twotower.trainers.evaluate import evaluate_checkpoint  # noqa: E402
+from twotower.trainers.fit import fit  # noqa: E402
+from twotower.trainers.update import update  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10", "mrr@10")
 

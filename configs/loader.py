@@ -1,7 +1,7 @@
 """Build a validated `Config` from YAML files and `key=value` overrides.
 
 Files are merged in order, then the dotlist overrides; the result is resolved (interpolations),
-converted to the dataclasses of `configs.schema` (which validate themselves in `__post_init__`)
+converted to the dataclasses of `twotower.configs.schema` (which validate themselves in `__post_init__`)
 and returned. Every failure becomes one `ConfigError` that names the key.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from configs.schema import Config
+from twotower.configs.schema import Config
 
 
 class ConfigError(ValueError):
@@ -52,13 +52,33 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for {exc.full_key!r}: {_first_line(exc)}") from None
 
 
+PACKAGED = Path(__file__).resolve().parent
+"The YAML groups installed with twotower: data/, model/, trainer/, logger/, experiment/, sweep/."
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file by path, else by its packaged group name: `trainer/ddp`, `trainer/ddp.yaml` or
+    `configs/trainer/ddp.yaml` (the repository path, which works from any folder after an install).
+    A file that exists at the given path wins over a packaged one of the same name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    group = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    packaged = PACKAGED / group.with_suffix(".yaml")
+    if not path.is_absolute() and packaged.is_file():
+        return packaged
+    groups = sorted(str(p.relative_to(PACKAGED).with_suffix("")) for p in PACKAGED.glob("*/*.yaml"))
+    close = difflib.get_close_matches(str(group.with_suffix("")), groups, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; packaged configs: {', '.join(groups)}"
+    raise ConfigError(f"config file {str(path)!r} not found (neither a file nor a packaged group name){hint}")
+
+
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Merge `files` then `overrides` over the defaults; return the validated dataclass tree."""
+    """Merge `files` (paths or packaged group names, see `config_path`) then `overrides` over the
+    defaults; return the validated dataclass tree."""
     cfg = OmegaConf.structured(Config)
     for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
+        path = config_path(file)
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors come in several types

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from configs.serving import ServingConfig
+from twotower.configs.serving import ServingConfig
 
 ITEM_MODES = ("id", "text", "id+text")
 

@@ -58,8 +58,8 @@ from typing import Iterator
 
 import pandas as pd
 
-from configs.schema import ColumnsConfig
-from datamodules.readers import _BadRows, _interactions, _show, _with_line
+from twotower.configs.schema import ColumnsConfig
+from twotower.datamodules.readers import _BadRows, _interactions, _show, _with_line
 
 REVIEW_FIELDS = {
     "2018": ColumnsConfig(user_id="reviewerID", item_id="asin", timestamp="unixReviewTime", rating="overall", event=None),

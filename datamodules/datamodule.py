@@ -29,11 +29,11 @@ import webdataset as wds
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from configs.schema import Config
-from datamodules.prepare import read_manifest
-from datamodules.readers import DataError
-from datamodules.sequences import Histories, pad_histories, pad_left, time_gap_codes
-from datamodules.shards import (Fault, Faults, ShardError, ShardReader, check_manifest, fault_counts, read_all,
+from twotower.configs.schema import Config
+from twotower.datamodules.prepare import read_manifest
+from twotower.datamodules.readers import DataError
+from twotower.modules.histories import Histories, pad_histories, pad_left, time_gap_codes
+from twotower.datamodules.shards import (Fault, Faults, ShardError, ShardReader, check_manifest, fault_counts, read_all,
                                 read_fault_logs, shard_counts, split_reader)
 
 

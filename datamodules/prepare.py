@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,11 +15,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from configs.schema import Config, DataConfig
-from datamodules import amazon, readers, synthetic
-from datamodules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
-from datamodules.shards import write_shards
-from datamodules.split import EvalCase, Events, leave_one_out
+from twotower.configs.schema import Config, DataConfig
+from twotower.datamodules import amazon, readers, synthetic
+from twotower.modules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
+from twotower.datamodules.shards import write_shards
+from twotower.datamodules.split import EvalCase, Events, leave_one_out
+from twotower.files import atomic_folder
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 "2: every sequence and history carries its items' times (`time.npy`) and action codes (`action.npy`)."
@@ -151,10 +153,11 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     manifest = read_manifest(out)
     if manifest and manifest.get("fingerprint") == key and not force:
         appended = f", plus {len(manifest['appends'])} append(s)" if manifest.get("appends") else ""
-        print(f"prepare: {out} is up to date ({manifest['counts']['train_users']} training users{appended})")
+        log.info(f"{out} is up to date ({manifest['counts']['train_users']} training users{appended})")
         return out
     started = time.time()
     interactions, items, skipped = load_raw(cfg.data)
+    log.info(f"read {len(interactions):,} interactions and {len(items):,} items ({cfg.data.source}) in {time.time() - started:.1f}s")
     return _write(cfg, out, time_slice(interactions, cfg.data), items, skipped, key, started)
 
 
@@ -174,7 +177,7 @@ def prepare_append(cfg: Config) -> Path:
     key = fingerprint(cfg)
     appends = manifest.get("appends", [])
     if key == manifest["fingerprint"] or key in [a["fingerprint"] for a in appends]:
-        print(f"prepare: {out} already holds this data (fingerprint {key}); nothing to append")
+        log.info(f"{out} already holds this data (fingerprint {key}); nothing to append")
         return out
     if manifest["tokenizer"]["encoder"] != cfg.model.item.encoder or manifest["text_fields"] != list(cfg.data.text_fields):
         raise readers.DataError(f"{out}: prepared with encoder {manifest['tokenizer']['encoder']!r} and text fields "
@@ -205,14 +208,12 @@ def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFra
         raise readers.DataError(f"no user has {cfg.split.min_interactions} or more interactions with warm items: nothing to train on")
 
     tokenizer = load_tokenizer(cfg.model.item.encoder)
-    texts = item_texts(items, cfg.data.text_fields)
-    tokens = tokenize(tokenizer, texts, cfg.data.max_text_len)
+    texts = item_texts(items.to_dict("records"), cfg.data.text_fields)
+    tokens = tokenize(tokenizer, texts, cfg.data.max_text_len, progress="tokenise")
     since = appends[-1]["since"] if appends else None
     new_users = [since is not None and case.time >= since for case in split.test]  # test: each user's newest event
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         shards = {}
         item_samples = ({"__key__": f"{i:09d}", "tokens.npy": tokens[i], "txt": texts[i],
                          "json": {"index": i, "item_id": str(items["item_id"].iat[i]),
@@ -260,17 +261,6 @@ def _write(cfg: Config, out: Path, interactions: pd.DataFrame, items: pd.DataFra
             manifest["appends"] = appends
             manifest["window"] = {"since": since, "round": len(appends), "new_users": int(sum(new_users))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"prepare: wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")
+    log.info(f"wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")
     return out
 
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` with `tmp`; the old folder is removed only once the new one is in place."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from configs.schema import ColumnsConfig
+from twotower.configs.schema import ColumnsConfig
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 "File extension -> format; `.json` files are read as JSON Lines (one object per line)."

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -21,7 +21,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from datamodules.readers import DataError
+from twotower.datamodules.readers import DataError
+
+log = logging.getLogger(__name__)
 
 
 def write_shards(folder: Path, prefix: str, samples: Iterable[dict], max_count: int) -> dict[str, int]:
@@ -108,7 +110,7 @@ class Faults:
             return
         self.recorded[key] = fault
         if self.verbose:
-            print(f"twotower: data.on_error=skip: skipped {fault}", file=sys.stderr, flush=True)
+            log.warning(f"data.on_error=skip: skipped {fault}")
         if self.log_dir is not None:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(Path(self.log_dir) / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as f:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from configs.schema import SplitConfig
+from twotower.configs.schema import SplitConfig
 
 
 @dataclass
@@ -93,7 +94,7 @@ def leave_one_out(interactions: pd.DataFrame, item_index: pd.Series, cfg: SplitC
 
     train, valid, test, cold = [], [], [], []
     dropped = 0
-    for start, end in zip(starts, ends):
+    for start, end in tqdm(zip(starts, ends), total=len(starts), desc="split", unit="user", disable=len(starts) < 100_000):
         user, events = str(users[start]), Events(items[start:end], times[start:end], actions[start:end])
         if len(events) < cfg.min_interactions:
             dropped += 1

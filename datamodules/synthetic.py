@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from configs.schema import SyntheticConfig
+from twotower.configs.schema import SyntheticConfig
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "astronomy": ("galaxy", "telescope", "orbit", "nebula", "planet", "comet", "asteroid", "constellation",

@@ -44,4 +44,4 @@ set -x
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" \
-  -m trainers fit "trainer.devices=$NPROC_PER_NODE" "trainer.num_nodes=$NNODES" "$@"
+  -m twotower fit "trainer.devices=$NPROC_PER_NODE" "trainer.num_nodes=$NNODES" "$@"

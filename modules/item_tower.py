@@ -4,17 +4,33 @@ embedding alone (the SASRec-style baseline)."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from configs.schema import ItemTowerConfig
+from twotower.configs.schema import ItemTowerConfig
+from twotower.files import atomic_file
 
 PACKAGED_ENCODER = "minilm"
+
+
+PROGRESS_MIN_ITEMS = 10_000
+"Encoding at least this many items shows a progress bar (a minute or more on a CPU with MiniLM)."
+
+
+def progress(chunks, desc: str, items: int, chunk_size: int):
+    """`chunks` (of `chunk_size` items, `items` in all) with a progress bar in items, when they are many."""
+    if items < PROGRESS_MIN_ITEMS:
+        yield from chunks
+        return
+    with tqdm(total=items, desc=desc, unit="item", leave=False) as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(min(chunk_size, items - bar.n))
 
 
 def resolve_encoder(name: str) -> str:
@@ -108,8 +124,8 @@ class ItemTower(nn.Module):
             return
         was_training = self.encoder.training
         self.encoder.eval()
-        chunks = ((self.tokens[start:start + batch_size], self.lengths[start:start + batch_size])
-                  for start in range(0, len(self.tokens), batch_size))
+        starts = progress(range(0, len(self.tokens), batch_size), "frozen cache", len(self.tokens), batch_size)
+        chunks = ((self.tokens[start:start + batch_size], self.lengths[start:start + batch_size]) for start in starts)
         if self.cfg.frozen_cache_dir is None:
             self.frozen_cache = torch.cat([self._frozen_output(*chunk) for chunk in chunks])
         else:
@@ -132,16 +148,15 @@ class ItemTower(nn.Module):
             folder.mkdir(parents=True, exist_ok=True)
             hidden = self.encoder.config.hidden_size
             shape = (len(self.tokens), hidden) if self.caches_pooled else (*self.tokens.shape, hidden)
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-            start = 0
-            for chunk in chunks:
-                part = self._frozen_output(*chunk).cpu().numpy()
-                out[start:start + len(part)] = part
-                start += len(part)
-            out.flush()
-            del out
-            os.replace(partial, path)
+            with atomic_file(path) as partial:
+                out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+                start = 0
+                for chunk in chunks:
+                    part = self._frozen_output(*chunk).cpu().numpy()
+                    out[start:start + len(part)] = part
+                    start += len(part)
+                out.flush()
+                del out
         # Copy-on-write: a writable view for torch, pages read from disk on demand, the file never changed.
         return torch.from_numpy(np.load(path, mmap_mode="c"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modules.distributed import all_reduce_sum, gather_rows, rank_and_world
+from twotower.modules.distributed import all_reduce_sum, gather_rows, rank_and_world
 
 
 def expected_draws_log(item_prob: torch.Tensor, occurrences: int, num_uniform: int, num_eligible: int) -> torch.Tensor:

@@ -1,15 +1,15 @@
 """The two-tower recommender as a plain `nn.Module`: item tower, user tower, inner-product head.
-No training loop here (that is `modules.lit_two_tower`), so export and serving need neither
+No training loop here (that is `twotower.modules.lit_two_tower`), so export and serving need neither
 Lightning nor DeepSpeed."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from configs.schema import ModelConfig
-from datamodules.sequences import Histories
-from modules.item_tower import ItemTower
-from modules.user_tower import UserTower
+from twotower.configs.schema import ModelConfig
+from twotower.modules.histories import Histories
+from twotower.modules.item_tower import ItemTower, progress
+from twotower.modules.user_tower import UserTower
 
 
 class TwoTower(nn.Module):
@@ -27,7 +27,8 @@ class TwoTower(nn.Module):
         items = torch.arange(self.num_items, device=device)
         if len(self.item_tower.lengths) == self.num_items:
             items = self.item_tower.lengths.argsort(stable=True)
-        vectors = torch.cat([self.item_tower(chunk) for chunk in items.split(batch_size)])
+        chunks = progress(items.split(batch_size), "encode catalogue", len(items), batch_size)
+        vectors = torch.cat([self.item_tower(chunk) for chunk in chunks])
         return vectors[items.argsort()]
 
     def user_states(self, history: Histories | torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:

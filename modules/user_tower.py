@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from configs.schema import UserTowerConfig
-from datamodules.sequences import TIME_GAP_CODES
+from twotower.configs.schema import UserTowerConfig
+from twotower.modules.histories import TIME_GAP_CODES
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attn_mask: torch.Tensor, dropout: float) -> torch.Tensor:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def twotower(*args: str, cwd: Path, timeout: float = 600, threads: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m trainers ARGS` in `cwd`; `threads` caps each process's OpenMP threads (several
+    """`python -m twotower ARGS` in `cwd`; `threads` caps each process's OpenMP threads (several
     ranks on 2 cores would otherwise oversubscribe them)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run([sys.executable, "-m", "trainers", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "twotower", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)

@@ -24,7 +24,7 @@ def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT saved as a local folder, with MiniLM's real tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from modules.item_tower import resolve_encoder
+    from twotower.modules.item_tower import resolve_encoder
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder("minilm"))

@@ -1,4 +1,4 @@
-"""Tests of datamodules.amazon: both releases of the Amazon Reviews JSON Lines, plain and gzipped,
+"""Tests of twotower.datamodules.amazon: both releases of the Amazon Reviews JSON Lines, plain and gzipped,
 text cleaning, the metadata policies, every bad-input error, skip mode, and `twotower prepare`.
 
 Every fixture file is written here, in tmp_path, with the fields of the published files: the 2018
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from cli_runner import twotower
 
-from configs import load_config
-from configs.loader import ConfigError
-from datamodules.amazon import FIELD_CHARS, _clean, read_amazon
-from datamodules.prepare import load_raw
-from datamodules.readers import DataError
+from twotower.configs import load_config
+from twotower.configs.loader import ConfigError
+from twotower.datamodules.amazon import FIELD_CHARS, _clean, read_amazon
+from twotower.datamodules.prepare import load_raw
+from twotower.datamodules.readers import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["item_id", *FIELD_CHARS, "line"]

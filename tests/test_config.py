@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import ConfigError, load_config, to_yaml
-from configs.loader import from_container
+from twotower.configs import ConfigError, load_config, to_yaml
+from twotower.configs.loader import from_container
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml") if p.parent.name != "sweep")
 "Config files (W&B sweep files under configs/sweep are checked by test_sweep)."
@@ -101,6 +101,6 @@ def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
     (["model.mode=text", "model.loss.candidates=full"], 1000, True),
 ])
 def test_auto_candidates_pick_the_full_softmax_only_where_items_are_cheap(overrides, num_items, full):
-    from modules.lit_two_tower import uses_full_softmax
+    from twotower.modules.lit_two_tower import uses_full_softmax
 
     assert uses_full_softmax(load_config([], overrides), num_items) is full

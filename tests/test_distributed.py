@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from shard_files import write_train_shards
 from cli_runner import twotower
-from modules.losses import cross_rank_softmax_loss, softmax_loss
+from twotower.modules.losses import cross_rank_softmax_loss, softmax_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, DIM, TEMPERATURE, NUM_UNIFORM, NUM_ELIGIBLE = 12, 5, 0.7, 3, 12
@@ -96,7 +96,7 @@ def test_two_rank_gathered_loss_equals_one_process_on_the_concatenated_batch(tmp
 # ---- data ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("resample", [False, True])
 def test_uneven_shards_give_every_rank_the_same_batches(tmp_path, resample):
-    from datamodules.datamodule import TrainSequences
+    from twotower.datamodules.datamodule import TrainSequences
 
     urls = write_train_shards(tmp_path, [90, 5, 7])  # rank 0 would hold far more without cycling
     counts = []
@@ -109,7 +109,7 @@ def test_uneven_shards_give_every_rank_the_same_batches(tmp_path, resample):
 
 
 def test_too_few_shards_without_resampling_is_a_clear_error(tmp_path):
-    from datamodules.datamodule import TrainSequences
+    from twotower.datamodules.datamodule import TrainSequences
 
     urls = write_train_shards(tmp_path, [10])
     with pytest.raises(ValueError, match=r"1 training shard\(s\) for 2 rank\(s\).*data.resample=true"):
@@ -170,7 +170,7 @@ def _summary(run: Path) -> dict:
 def test_ddp_zero2_zero3_train_end_to_end_and_agree(full_runs):
     """Same seeds and the same maths: DDP, ZeRO-2 and ZeRO-3 reach the same metrics; the ZeRO-3
     checkpoint (one shard per rank) consolidates into a state dict that loads without DeepSpeed."""
-    from trainers.checkpoints import consolidate_checkpoint
+    from twotower.trainers.checkpoints import consolidate_checkpoint
 
     summaries = {name: _summary(run) for name, run in full_runs.items()}
     for name in ("zero2", "zero3"):

@@ -10,20 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs import load_config
-from configs.serving import ServingConfig
-from datamodules.datamodule import ShardDataModule
-from datamodules.sequences import pad_left
-from datamodules.item_text import load_tokenizer
+from twotower.configs import load_config
+from twotower.configs.serving import ServingConfig
+from twotower.datamodules.datamodule import ShardDataModule
+from twotower.modules.histories import pad_left
+from twotower.modules.item_text import load_tokenizer
 from cli_runner import twotower
 from exported_run import exported_run
-from modules.two_tower import TwoTower
-from trainers.evaluate import load_module
-from trainers.export import write_exported
-from trainers.exported import Exported, load_exported
-from trainers.item_index import build_index
-from trainers.recommend import read_histories, recommend_once
-from trainers.recommender import Recommender
+from twotower.modules.two_tower import TwoTower
+from twotower.trainers.evaluate import load_module
+from twotower.trainers.export import write_exported
+from twotower.serving.export_format import Exported, load_exported
+from twotower.serving.item_index import build_index
+from twotower.serving.recommend import read_histories, recommend_once
+from twotower.serving.recommender import Recommender
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_unknown_ids_are_named_or_skipped_with_a_warning(run, tmp_path):
 def test_loading_needs_neither_lightning_nor_deepspeed(run):
     probe = (
         "import json, sys\n"
-        "from trainers.exported import load_exported\n"
+        "from twotower.serving.export_format import load_exported\n"
         f"exported = load_exported({str(run.model)!r})\n"
         "vectors = exported.model.catalogue_vectors(64)\n"
         "assert (vectors - exported.vectors).abs().max() < 1e-4\n"
@@ -131,8 +131,7 @@ def test_round_trip_keeps_every_weight_including_a_fine_tuned_encoder(tiny_bert,
     history = [{"item_id": "a", "timestamp": 5, "action": "buy"}, {"item_id": "zz", "timestamp": 6, "action": "click"},
                {"item_id": "b", "timestamp": 900, "action": "click"}]
     (tmp_path / "histories.json").write_text(json.dumps([history]))
-    recommend_once(cfg, str(tmp_path / "export"), read_histories(None, str(tmp_path / "histories.json")), 1, skip_unknown=True)
-    printed = json.loads(capsys.readouterr().out)
+    [printed] = recommend_once(cfg, str(tmp_path / "export"), read_histories(None, str(tmp_path / "histories.json")), 1, skip_unknown=True)
     expected = Recommender(reloaded).recommend([["a", "b"]], 1, (), [[5, 900]], [["buy", "click"]])[0]
     assert printed["history"] == ["a", "b"] and [(r["item_id"], r["score"]) for r in printed["items"]] == expected
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from configs.schema import ItemTowerConfig
-from datamodules.item_text import item_texts, load_tokenizer, tokenize
-from modules.item_tower import ItemTower, resolve_encoder
+from twotower.configs.schema import ItemTowerConfig
+from twotower.modules.item_text import item_texts, load_tokenizer, tokenize
+from twotower.modules.item_tower import ItemTower, resolve_encoder
 
 
 def catalogue(tokenizer, texts, max_len=16):
@@ -68,8 +68,11 @@ def test_packaged_minilm_mean_pooling_matches_sentence_transformers():
 def test_item_text_names_each_field_and_skips_empty_ones():
     import pandas as pd
 
-    items = pd.DataFrame({"title": ["Heat", "Up"], "genres": ["Crime", None]})
-    assert item_texts(items, ["title", "genres"]) == ["title: Heat; genres: Crime", "title: Up"]
+    items = pd.DataFrame({"title": ["Heat", "Up", " Big "], "genres": ["Crime", None, float("nan")], "year": [1995, 2009, pd.NA]})
+    expected = ["title: Heat; genres: Crime; year: 1995", "title: Up; year: 2009", "title: Big"]
+    assert item_texts(items.astype({"year": "Int64"}).to_dict("records"), ["title", "genres", "year"]) == expected
+    # the server's records are plain dicts: a field may be absent
+    assert item_texts([{"title": "Up", "year": 2009}, {"genres": ""}], ["title", "genres", "year"]) == ["title: Up; year: 2009", ""]
 
 
 @pytest.mark.parametrize("memory_mapped", [False, True])

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from modules.losses import expected_draws_log, softmax_loss
+from twotower.modules.losses import expected_draws_log, softmax_loss
 
 
 def reference_ce(q, c, labels, temperature, log_q=None, masked=None):
@@ -49,9 +49,9 @@ def test_expected_draws_is_the_mixture_formula():
 def test_full_softmax_leaves_cold_items_out_of_the_candidates():
     """Held-out (cold) items do not exist while training: the full-catalogue loss is the float64
     cross-entropy over the warm items only, not a softmax that learns to push cold items down."""
-    from configs import load_config
-    from datamodules.sequences import Histories
-    from modules.lit_two_tower import TwoTowerModule
+    from twotower.configs import load_config
+    from twotower.modules.histories import Histories
+    from twotower.modules.lit_two_tower import TwoTowerModule
 
     cfg = load_config([], ["model.mode=id", "model.dim=8", "data.max_len=4", "model.user.dropout=0"])
     cold = torch.tensor([False, True, False, False, True, False])

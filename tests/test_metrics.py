@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.metrics import metric_sums, metrics_per_user, target_ranks
+from twotower.modules.metrics import metric_sums, metrics_per_user, target_ranks
 
 
 def reference_rank(scores: np.ndarray, target: int, seen: set[int]) -> int:

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import load_config
-from datamodules.datamodule import ShardDataModule
-from datamodules.prepare import MAX_ACTIONS, action_codes, load_raw, prepare
-from datamodules.readers import DataError
-from datamodules.shards import read_all
+from twotower.configs import load_config
+from twotower.datamodules.datamodule import ShardDataModule
+from twotower.datamodules.prepare import MAX_ACTIONS, action_codes, load_raw, prepare
+from twotower.datamodules.readers import DataError
+from twotower.datamodules.shards import read_all
 
 
 def test_shards_are_tar_files_that_hold_the_split(tiny_overrides, tmp_path):

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from configs import load_config
-from datamodules.prepare import prepare
-from datamodules.readers import DataError
+from twotower.configs import load_config
+from twotower.datamodules.prepare import prepare
+from twotower.datamodules.readers import DataError
 
 FAULTS = ("none", "missing_column", "bad_timestamp", "empty_file", "huge_field", "non_utf8",
           "duplicate_item", "unknown_item", "one_event_user")

@@ -1,4 +1,4 @@
-"""Tests of datamodules.readers: formats, column mapping, every bad-input error, skip mode, MovieLens.
+"""Tests of twotower.datamodules.readers: formats, column mapping, every bad-input error, skip mode, MovieLens.
 
 Every fixture file is written here, in tmp_path; only `test_real_ml100k` reads the shared copy of
 MovieLens-100K (and is skipped when it is absent).
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs.schema import ColumnsConfig
-from datamodules.readers import DataError, check_consistency, read_interactions, read_items, read_movielens
+from twotower.configs.schema import ColumnsConfig
+from twotower.datamodules.readers import DataError, check_consistency, read_interactions, read_items, read_movielens
 
 ML100K = Path("/work/shared/data/ml-100k")
 ROWS = [

@@ -16,15 +16,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from configs import load_config
-from configs.serving import ServingConfig
-from datamodules.synthetic import catalogue
+from twotower.configs import load_config
+from twotower.configs.serving import ServingConfig
+from twotower.datamodules.synthetic import catalogue
 from exported_run import exported_run
-from modules.two_tower import TwoTower
-from trainers.exported import Exported, load_exported
-from trainers.item_index import build_index
-from trainers.recommender import Recommender
-from trainers.serve import build_app
+from twotower.modules.two_tower import TwoTower
+from twotower.serving.export_format import Exported, load_exported
+from twotower.serving.item_index import build_index
+from twotower.serving.recommender import Recommender
+from twotower.serving.app import build_app
 
 LIMITS = ServingConfig()
 
@@ -54,7 +54,7 @@ def free_port() -> int:
 def start_server(model: Path, log: Path, timeout: float = 300) -> Server:
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainers", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1]],
+        process = subprocess.Popen([sys.executable, "-m", "twotower", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1]],
                                    stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

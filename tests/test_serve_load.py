@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from configs.serving import ServingConfig
+from twotower.configs.serving import ServingConfig
 from exported_run import exported_run
 from test_serve import start_server
-from trainers.serve import build_app
+from twotower.serving.app import build_app
 
 LIMITS = ServingConfig()  # the exported config keeps the defaults
 CONNECTIONS = (1, 8, 32)

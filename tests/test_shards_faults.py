@@ -22,11 +22,11 @@ import pytest
 from shard_files import write_train_shards
 from cli_runner import twotower
 
-from configs import load_config
-from datamodules.datamodule import ShardDataModule, TrainSequences
-from datamodules.prepare import prepare
-from datamodules.readers import DataError
-from datamodules.shards import Faults, ShardError, split_reader
+from twotower.configs import load_config
+from twotower.datamodules.datamodule import ShardDataModule, TrainSequences
+from twotower.datamodules.prepare import prepare
+from twotower.datamodules.readers import DataError
+from twotower.datamodules.shards import Faults, ShardError, split_reader
 
 GARBAGE = b"\x93NUMPY? no: \xff\xfe garbage \x00\x01" * 3
 

@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 import torch
 
-from configs import load_config
-from datamodules.item_text import load_tokenizer, tokenize
-from datamodules.sequences import Histories
-from modules.lit_two_tower import TwoTowerModule
+from twotower.configs import load_config
+from twotower.modules.item_text import load_tokenizer, tokenize
+from twotower.modules.histories import Histories
+from twotower.modules.lit_two_tower import TwoTowerModule
 
 TEXTS = ["sailing boats", "a guide to jazz piano chords", "x", "the quiet harbour", "knots", "tides and moons",
          "rope", "a long history of lighthouses along the northern coast"]

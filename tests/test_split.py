@@ -2,8 +2,8 @@
 import numpy as np
 import pandas as pd
 
-from configs.schema import SplitConfig
-from datamodules.split import leave_one_out
+from twotower.configs.schema import SplitConfig
+from twotower.datamodules.split import leave_one_out
 
 
 def frame(rows):

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from cli_runner import twotower
 
-from configs import load_config
-from trainers.cli import build_parser
-from trainers.sweep import ARGS_MACRO, agent_overrides, load_sweep, make_trials, override, split_config_args, trial_argv
+from twotower.configs import load_config
+from twotower.twotower.cli import build_parser
+from twotower.trainers.sweep import ARGS_MACRO, agent_overrides, load_sweep, make_trials, override, split_config_args, trial_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))

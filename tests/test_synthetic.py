@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.schema import SyntheticConfig
-from datamodules.synthetic import FILLER_WORDS, LATE_START, TIMELINE, TITLE_WORDS, TOPICS, catalogue, generate
+from twotower.configs.schema import SyntheticConfig
+from twotower.datamodules.synthetic import FILLER_WORDS, LATE_START, TIMELINE, TITLE_WORDS, TOPICS, catalogue, generate
 
 SMALL = dict(num_users=300, num_items=400, num_topics=8)
 

@@ -17,7 +17,7 @@ import torch
 
 from cli_runner import twotower
 from conftest import tiny
-from trainers.checkpoints import INTERRUPTED, AtomicCheckpointIO
+from twotower.trainers.checkpoints import INTERRUPTED, AtomicCheckpointIO
 
 RUN = ["model.mode=id", "data.synthetic.num_users=600", "data.batch_size=32", "trainer.max_epochs=3"]
 "Small, but several epochs of ~19 steps: long enough to be killed in the middle."
@@ -30,7 +30,7 @@ def _overrides(base: list[str], run_dir) -> list[str]:
 
 def _start(args: list[str], cwd) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
-    return subprocess.Popen([sys.executable, "-m", "trainers", "fit", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "twotower", "fit", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

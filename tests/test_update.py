@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cli_runner import twotower
-from configs import load_config
-from datamodules.datamodule import ShardDataModule
-from datamodules.prepare import prepare, prepare_append
-from datamodules.readers import DataError
-from datamodules.synthetic import TIMELINE, write_time_split
-from modules.lit_two_tower import TwoTowerModule
-from trainers.evaluate import load_module
+from twotower.configs import load_config
+from twotower.datamodules.datamodule import ShardDataModule
+from twotower.datamodules.prepare import prepare, prepare_append
+from twotower.datamodules.readers import DataError
+from twotower.datamodules.synthetic import TIMELINE, write_time_split
+from twotower.modules.lit_two_tower import TwoTowerModule
+from twotower.trainers.evaluate import load_module
 
 CUT = 0.7 * TIMELINE
 "Events before this time train the stale model; the rest arrive later."

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from configs.schema import UserTowerConfig
-from datamodules.sequences import TIME_GAP_CODES, time_gap_codes
-from modules.user_tower import UserTower
+from twotower.configs.schema import UserTowerConfig
+from twotower.modules.histories import TIME_GAP_CODES, time_gap_codes
+from twotower.modules.user_tower import UserTower
 
 POSITIONS = pytest.mark.parametrize("positions", ["from_end", "from_start"])
 ARCHITECTURES = pytest.mark.parametrize("architecture", ["sasrec", "pre_ln"])

@@ -22,7 +22,9 @@ import pandas as pd
 import yaml
 from matplotlib.ticker import MaxNLocator
 
-from trainers.run_folder import plt, write_atomic
+from twotower.files import write_text
+from twotower.tables import markdown_table
+from twotower.trainers.run_folder import plt, save_figure
 
 TABLE_METRICS = ("test/hr@10", "test/ndcg@10", "test/mrr@10", "epochs", "wall_s")
 "Summary values shown in the Markdown table besides the sweep metric (the CSV has them all)."
@@ -110,28 +112,12 @@ def comparison_frame(runs: list[Run], metric: str, goal: str, keys: list[str]) -
     return frame.reset_index(drop=True)
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(frame: pd.DataFrame, metric: str, goal: str, keys: list[str]) -> str:
+def comparison_table(frame: pd.DataFrame, metric: str, goal: str, keys: list[str]) -> str:
     columns = ["run", *keys, metric, *(m for m in TABLE_METRICS if m in frame and m != metric)]
     arrow = "↑" if goal == "maximize" else "↓"
-    header = ["#", *(f"{c} {arrow}" if c == metric else c for c in columns)]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for i, row in frame.iterrows():
-        lines.append("| " + " | ".join([str(i + 1), *(_cell(row[c]) for c in columns)]) + " |")
-    return "\n".join(lines)
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    headers = ["#", *(f"{c} {arrow}" if c == metric else c for c in columns)]
+    rows = [{"#": i + 1, **row} for i, row in enumerate(frame.to_dict("records"))]
+    return markdown_table(rows, ["#", *columns], headers)
 
 
 def plot_overlaid_curves(runs: list[Run], best: str, metric: str, path: Path) -> None:
@@ -150,7 +136,7 @@ def plot_overlaid_curves(runs: list[Run], best: str, metric: str, path: Path) ->
     right.set(xlabel="step", ylabel="train/loss", title="training loss")
     if len(runs) <= 12:
         left.legend(fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_metric_vs_params(frame: pd.DataFrame, params: list[str], metric: str, path: Path) -> None:
@@ -173,12 +159,13 @@ def plot_metric_vs_params(frame: pd.DataFrame, params: list[str], metric: str, p
                    marker="*", s=200, color="tab:red", zorder=3, label="best")
         ax.set(xlabel=key, ylabel=metric)
     axes[0][0].legend(fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def compare(paths: list[str | Path], out: str | Path | None = None, metric: str | None = None,
-            goal: str | None = None) -> pd.DataFrame:
-    """Write the table and plots; return the table (best first)."""
+            goal: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Write the table and plots; return the table (best first) and its Markdown with a note on
+    where everything went (what the command line prints)."""
     finished, unfinished, sweep = find_runs(paths)
     if not finished:
         raise ValueError("no finished run (summary.json) to compare")
@@ -190,12 +177,11 @@ def compare(paths: list[str | Path], out: str | Path | None = None, metric: str 
     params = [k for k in sweep.get("parameters", keys) if k in keys] or keys
     frame = comparison_frame(runs, metric, goal, keys)
 
-    table = markdown_table(frame, metric, goal, keys)
+    table = comparison_table(frame, metric, goal, keys)
     note = f"\n\n{len(unfinished)} unfinished run(s) left out: " + ", ".join(p.name for p in unfinished) if unfinished else ""
-    write_atomic(out / "comparison.md", f"{table}{note}\n")
-    write_atomic(out / "comparison.csv", frame.to_csv(index=False))
+    write_text(out / "comparison.md", f"{table}{note}\n")
+    write_text(out / "comparison.csv", frame.to_csv(index=False))
     plot_overlaid_curves(runs, frame["run"].iloc[0], metric, out / "val_curves.png")
     plot_metric_vs_params(frame, params, metric, out / "metric_vs_params.png")
-    print(f"{table}{note}\n\nbest: {frame['run'].iloc[0]} ({metric} {frame[metric].iloc[0]:.4f}); written to {out}/"
-          "{comparison.md,comparison.csv,val_curves.png,metric_vs_params.png}")
-    return frame
+    return frame, f"{table}{note}\n\nbest: {frame['run'].iloc[0]} ({metric} {frame[metric].iloc[0]:.4f}); written to {out}/" \
+        "{comparison.md,comparison.csv,val_curves.png,metric_vs_params.png}"

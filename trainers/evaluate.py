@@ -8,12 +8,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from configs import Config, from_container
-from datamodules.datamodule import ShardDataModule
-from modules.lit_two_tower import TwoTowerModule
-from modules.metrics import metrics_per_user, target_ranks
-from trainers.checkpoints import consolidate_checkpoint
-from trainers.run_folder import metrics_table, without_prefix
+from twotower.configs import Config, from_container
+from twotower.datamodules.datamodule import ShardDataModule
+from twotower.modules.lit_two_tower import TwoTowerModule
+from twotower.modules.metrics import metrics_per_user, target_ranks
+from twotower.trainers.checkpoints import consolidate_checkpoint
 
 
 def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = None, new_items: bool = False) -> TwoTowerModule:
@@ -65,12 +64,12 @@ def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, float]:
-    """Rank `split` with a checkpoint and print model and popularity metrics side by side."""
+    """Rank `split` with a checkpoint: the model's metrics (`{split}/...`) and the popularity
+    baseline's (`popularity/{split}/...`), which the command line prints side by side."""
     data = ShardDataModule(cfg)
     module = load_module(checkpoint, data)
     module.test_split = split
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.test(module, dataloaders=data.eval_dataloader(split), verbose=False)[0]
     baseline = popularity_metrics(data, split)
-    print(metrics_table({f"model ({split})": without_prefix(metrics), f"popularity ({split})": without_prefix(baseline)}, cfg.eval.ks))
-    return metrics
+    return {**metrics, **{f"popularity/{k}": v for k, v in baseline.items()}}

@@ -1,9 +1,7 @@
-"""The run folder: resolved config, summary, curves. Every file is written to a temporary name
-and renamed, so a crash never leaves one half-written."""
+"""The run folder's plots. Each is written to a temporary name and renamed (`twotower.files`), so a
+crash never leaves one half-written."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,19 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+from twotower.files import atomic_file  # noqa: E402
 
 
-def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def save_figure(fig, path: Path) -> None:
+    """Lay out `fig`, write it to `path` (PNG) atomically, and free it."""
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
@@ -41,23 +35,4 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
             right.plot(val["epoch"] + 1, val[name], marker="o", label=name)
     right.set(xlabel="epoch", title="validation")
     right.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
-
-
-def without_prefix(metrics: dict[str, float]) -> dict[str, float]:
-    """`{"test/hr@10": x}` -> `{"hr@10": x}`."""
-    return {key.split("/", 1)[1]: value for key, value in metrics.items()}
-
-
-def metrics_table(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
-    """A Markdown table: one row per system/split, HR/NDCG/MRR at each cut-off."""
-    names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "mrr")]
-    lines = ["| | " + " | ".join(n.upper() for n in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
-    for label, metrics in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{metrics[n]:.4f}" for n in names) + " |")
-    return "\n".join(lines)
+    save_figure(fig, out_png)

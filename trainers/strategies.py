@@ -13,7 +13,7 @@ import os
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from configs.schema import TrainerConfig
+from twotower.configs.schema import TrainerConfig
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

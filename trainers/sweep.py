@@ -3,7 +3,7 @@
 A sweep file (`configs/sweep/*.yaml`) is what `wandb sweep FILE` takes: `method`, `metric`,
 `parameters` keyed by OmegaConf dotlist keys, and a `command` that runs `twotower fit`, its fixed
 arguments, then `${args_no_hyphens}` (which the W&B agent replaces by `key=value` per parameter).
-Locally, each trial runs that same `fit` command line (`python -m trainers fit`), with the extra
+Locally, each trial runs that same `fit` command line (`python -m twotower fit`), with the extra
 overrides given to `twotower sweep` after the file's fixed arguments and the trial's `key=value`s
 (formatted as the agent formats them) after those, in its own run folder `SWEEP_DIR/<name>`.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -29,13 +30,16 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from configs import ConfigError, load_config
+from twotower.configs import ConfigError, load_config
+from twotower.files import write_json
+
+log = logging.getLogger(__name__)
 
 ARGS_MACRO = "${args_no_hyphens}"
 GOALS = ("maximize", "minimize")
@@ -73,6 +77,8 @@ class Trial:
     "pending | running | done | failed."
     returncode: int | None = None
     wall_s: float | None = None
+    argv: list[str] = field(default_factory=list)
+    "The `twotower fit ...` arguments that run it."
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -247,7 +253,7 @@ def run_sweep(file: str | Path, out: str | Path | None = None, extra: list[str] 
     """Run the sweep's unfinished trials; return every trial with its status."""
     sweep = load_sweep(file)
     if sweep.method == "bayes":
-        print(f"sweep {sweep.name}: bayes needs the W&B server; sampling its parameters at random here")
+        log.warning(f"sweep {sweep.name}: bayes needs the W&B server; sampling its parameters at random here")
     sweep_dir = sweep_folder(sweep, out)
     parallel = max(1, parallel)
     if threads is None:
@@ -256,9 +262,8 @@ def run_sweep(file: str | Path, out: str | Path | None = None, extra: list[str] 
     todo = make_trials(sweep, trials, seed)
     record_file = sweep_dir / "sweep.json"
     before = {t["name"]: t for t in json.loads(record_file.read_text())["trials"]} if record_file.is_file() else {}
-    argvs = {}
     for trial in todo:  # every trial's config is checked before any trial starts
-        argvs[trial.name] = argv = trial_argv(sweep, trial, sweep_dir, list(extra), threads)
+        trial.argv = argv = trial_argv(sweep, trial, sweep_dir, list(extra), threads)
         try:
             load_config(*split_config_args(argv[1:]))
         except ConfigError as exc:
@@ -267,15 +272,11 @@ def run_sweep(file: str | Path, out: str | Path | None = None, extra: list[str] 
             trial.status = "done"
             trial.returncode, trial.wall_s = before.get(trial.name, {}).get("returncode"), before.get(trial.name, {}).get("wall_s")
     if dry_run:
-        for trial in todo:
-            print(f"[{trial.status}] twotower " + " ".join(argvs[trial.name]))
         return todo
 
     lock = threading.Lock()
 
     def record() -> None:
-        from trainers.run_folder import write_json
-
         with lock:
             write_json(record_file, {
                 "file": str(file), "name": sweep.name, "method": sweep.method,
@@ -290,17 +291,17 @@ def run_sweep(file: str | Path, out: str | Path | None = None, extra: list[str] 
         trial.status, started = "running", time.time()
         record()
         with open(run_dir / "fit.log", "w") as log:
-            done = subprocess.run([sys.executable, "-m", "trainers", *argvs[trial.name]], stdout=log,
+            done = subprocess.run([sys.executable, "-m", "twotower", *trial.argv], stdout=log,
                                   stderr=subprocess.STDOUT, env=trial_env(threads))
         trial.returncode, trial.wall_s = done.returncode, time.time() - started
         trial.status = "done" if done.returncode == 0 and (run_dir / "summary.json").is_file() else "failed"
-        print(f"sweep {sweep.name}: {trial.name} {trial.status} ({trial.wall_s:.0f}s)"
-              + (f", see {run_dir / 'fit.log'}" if trial.status == "failed" else ""), flush=True)
+        log.info(f"sweep {sweep.name}: {trial.name} {trial.status} ({trial.wall_s:.0f}s)"
+                 + (f", see {run_dir / 'fit.log'}" if trial.status == "failed" else ""))
         record()
 
     pending = [t for t in todo if t.status == "pending"]
-    print(f"sweep {sweep.name}: {len(todo)} trials, {len(todo) - len(pending)} finished before, "
-          f"running {len(pending)} ({parallel} at a time, {threads} threads each) in {sweep_dir}", flush=True)
+    log.info(f"sweep {sweep.name}: {len(todo)} trials, {len(todo) - len(pending)} finished before, "
+             f"running {len(pending)} ({parallel} at a time, {threads} threads each) in {sweep_dir}")
     record()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(run, pending))
@@ -327,12 +328,3 @@ def agent_overrides(environ: Mapping[str, str]) -> list[str]:
 def summarise(trials: list[Trial]) -> str:
     counts = {s: sum(t.status == s for t in trials) for s in ("done", "failed")}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-
-
-def main_sweep(args) -> int:
-    """`twotower sweep` (argparse namespace from trainers.cli)."""
-    extra = [x for f in args.config for x in ("-c", f)] + list(args.overrides)
-    trials = run_sweep(args.file, args.out, extra, args.trials, args.parallel, args.seed, args.threads, args.dry_run)
-    if not args.dry_run:
-        print(f"sweep: {summarise(trials)}; compare with: twotower compare {sweep_folder(load_sweep(args.file), args.out)}")
-    return 1 if any(t.status == "failed" for t in trials) else 0

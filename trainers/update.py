@@ -11,6 +11,7 @@ Both models are ranked on the same users with the same code: `valid_window` pick
 `test_window` (each new-window user's newest event) reports it."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from configs import Config, to_yaml
-from datamodules.datamodule import ShardDataModule
-from trainers.evaluate import load_module, popularity_metrics
-from trainers.export import export
-from trainers.fit import MONITOR, build_loggers, build_trainer, test_checkpoint
-from trainers.run_folder import metrics_table, plot_curves, without_prefix, write_atomic, write_json
+from twotower.configs import Config, to_yaml
+from twotower.datamodules.datamodule import ShardDataModule
+from twotower.files import write_json, write_text
+from twotower.trainers.evaluate import load_module, popularity_metrics
+from twotower.trainers.export import export
+from twotower.trainers.run_folder import plot_curves
+from twotower.trainers.trainer_setup import MONITOR, build_loggers, build_trainer, test_checkpoint
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("valid_window", "test_window")
 
@@ -51,7 +55,7 @@ def update(cfg: Config, checkpoint: str, out: str | Path | None = None, export_t
     run_dir = Path(out) if out else default_out(checkpoint, window["round"])
     module = load_module(checkpoint, data, cfg, new_items=True).train()  # Lightning keeps the mode it finds
     cfg = module.cfg
-    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     trainer, best = build_trainer(cfg, run_dir, build_loggers(cfg, run_dir), cfg.update.epochs)
     stale = {split: _rank(trainer, module, data, split) for split in SPLITS}
@@ -76,15 +80,10 @@ def update(cfg: Config, checkpoint: str, out: str | Path | None = None, export_t
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
-        rows = {"stale (test_window)": without_prefix(stale["test_window"]),
-                "updated (test_window)": without_prefix(updated["test_window"]),
-                "popularity (test_window)": without_prefix(baseline)}
-        print(f"\nwindow from t={window['since']:.0f} (round {window['round']}, {window['new_users']} users with new events)\n"
-              f"{metrics_table(rows, cfg.eval.ks)}\n")
         if not improved:
-            print(f"update: no gain on valid_window ({MONITOR} stale {stale_val:.4f}, updated {float(best.best_model_score or 0):.4f}): "
-                  "keeping the stale model" + (f"; {export_to} left as it was" if export_to else ""))
+            log.info(f"no gain on valid_window ({MONITOR} stale {stale_val:.4f}, updated {float(best.best_model_score or 0):.4f}): "
+                     "keeping the stale model" + (f"; {export_to} left as it was" if export_to else ""))
         elif exported:
-            print(f"update: exported the updated model to {exported}")
-        print(f"run folder: {run_dir}  ({summary['wall_s']:.0f}s)")
+            log.info(f"exported the updated model to {exported}")
+        log.info(f"run folder: {run_dir}  ({summary['wall_s']:.0f}s)")
     return summary

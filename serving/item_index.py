@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from configs.serving import ServingConfig
+from twotower.configs.serving import ServingConfig
 
 
 def build_index(vectors: np.ndarray, cfg: ServingConfig) -> faiss.Index:

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from datamodules.sequences import pad_histories, time_gap_codes
-from datamodules.item_text import item_texts, tokenize
-from trainers.exported import Exported
-from trainers.item_index import DuplicateItemsError, ItemIndex
+from twotower.modules.histories import pad_histories, time_gap_codes
+from twotower.modules.item_text import item_texts, tokenize
+from twotower.serving.export_format import Exported
+from twotower.serving.item_index import DuplicateItemsError, ItemIndex
 
 __all__ = ["DuplicateItemsError", "Recommender", "UnknownItemsError"]
 
@@ -193,7 +192,7 @@ class Recommender:
         problems += [f"item {name}: unknown field {f!r} (text fields are {', '.join(fields)})"
                      for name, r in zip(names, records) for f in r if f != "item_id" and f not in fields]
         problems += [f"item id {i!r} appears more than once" for i in sorted({i for i in ids if ids.count(i) > 1})]
-        texts = item_texts(pd.DataFrame(records, columns=fields), fields)
+        texts = item_texts(records, fields)
         problems += [f"item {name}: no text in any of {', '.join(fields)}" for name, text in zip(names, texts) if not text]
         if problems:
             raise ValueError("; ".join(problems[:20]))
@@ -208,7 +207,7 @@ class Recommender:
         """Tokenise and embed validated records with `served`'s item tower and add them to its
         catalogue; raises DuplicateItemsError for ids it has. The caller holds `_adding`."""
         exported, cfg = served.exported, served.exported.cfg
-        texts = item_texts(pd.DataFrame(records, columns=list(cfg.data.text_fields)), list(cfg.data.text_fields))
+        texts = item_texts(records, list(cfg.data.text_fields))
         tokens = [torch.from_numpy(t.astype(np.int64)) for t in tokenize(exported.tokenizer, texts, cfg.data.max_text_len)]
         lengths = torch.tensor([len(t) for t in tokens])
         input_ids = pad_sequence(tokens, batch_first=True, padding_value=0)

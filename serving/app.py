@@ -31,12 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from configs import Config
-from configs.serving import ServingConfig
-from trainers.body_limit import BodySizeLimit
-from trainers.exported import load_exported
-from trainers.hot_reload import ExportWatcher
-from trainers.recommender import DuplicateItemsError, Recommender, UnknownItemsError, split_events
+from twotower.configs import Config
+from twotower.configs.serving import ServingConfig
+from twotower.serving.body_limit import BodySizeLimit
+from twotower.serving.export_format import load_exported
+from twotower.serving.hot_reload import ExportWatcher
+from twotower.serving.recommender import DuplicateItemsError, Recommender, UnknownItemsError, split_events
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 "An item id as sent: a non-empty string (a JSON number is read as its decimal string)."

@@ -1,4 +1,5 @@
-"""The exported model folder (written by `trainers.export`): its layout, and reading it back.
+"""The exported model folder: its layout, writing it (`twotower export` and `update --export` call
+`write_exported`) and reading it back (`load_exported`).
 
 Reading needs torch, transformers, safetensors and faiss, but neither Lightning nor DeepSpeed, so
 a serving machine installs only what inference needs. Layout of `DIR/`:
@@ -16,6 +17,7 @@ a serving machine installs only what inference needs. Layout of `DIR/`:
 from __future__ import annotations
 
 import json
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +25,14 @@ from pathlib import Path
 import faiss
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from configs import Config, from_container
-from datamodules.item_text import load_tokenizer
-from modules.two_tower import TwoTower
+from twotower.configs import Config, from_container, to_yaml
+from twotower.modules.item_text import load_tokenizer
+from twotower.modules.two_tower import TwoTower
+from twotower.files import atomic_folder
 
 FORMAT_VERSION = 1
 ENCODER_PREFIX = "item_tower.encoder."
@@ -52,6 +55,33 @@ class Exported:
     "A fresh id per written export (in export.json): a server watching the folder reloads when it changes."
     actions: list[str] = field(default_factory=list)
     "The action values coded 1, 2, ... (the data's manifest.json `actions`)."
+
+
+def write_exported(out: str | Path, exported: Exported, checkpoint: str) -> Path:
+    """Write `exported` to a temporary sibling of `out`, then rename it into place (an existing
+    folder is replaced only once the new one is complete and on disk)."""
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        model, item_tower = exported.model, exported.model.item_tower
+        (tmp / "config.yaml").write_text(to_yaml(exported.cfg))
+        if item_tower.uses_text:
+            item_tower.encoder.save_pretrained(tmp / "item_encoder")
+            exported.tokenizer.save_pretrained(tmp / "item_encoder")
+        towers = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(ENCODER_PREFIX)}
+        save_file(towers, tmp / "towers.safetensors")
+        (tmp / "item_ids.json").write_text(json.dumps(exported.item_ids))
+        (tmp / "item_texts.json").write_text(json.dumps(exported.texts))
+        save_file({"tokens": item_tower.tokens.to(torch.int32).cpu().contiguous(), "lengths": item_tower.lengths.cpu().contiguous()},
+                  tmp / "item_tokens.safetensors")
+        save_file({"vectors": exported.vectors.cpu().contiguous()}, tmp / "item_vectors.safetensors")
+        faiss.write_index(exported.index, str(tmp / "items.faiss"))
+        meta = {"format_version": FORMAT_VERSION, "export_id": uuid.uuid4().hex, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
+                "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__,
+                "actions": exported.actions}
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for path in tmp.rglob("*"):  # readable by a serving user other than the exporter
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return out
 
 
 @contextmanager

@@ -12,8 +12,8 @@ import logging
 import threading
 from pathlib import Path
 
-from trainers.exported import load_exported
-from trainers.recommender import Recommender
+from twotower.serving.export_format import load_exported
+from twotower.serving.recommender import Recommender
 
 log = logging.getLogger("twotower.serve")
 

@@ -1,15 +1,17 @@
 """`twotower recommend`: top-K for one history (`--history a,b,c`) or many (`--json FILE`) from an
-exported model, printed as JSON lines, one per history, in input order. In a JSON history an item
+exported model; the command line prints them as JSON lines, one per history, in input order. In a JSON history an item
 may be `{"item_id": ..., "timestamp": ..., "action": ...}`, as `POST /recommend` takes it."""
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
-from configs import Config
-from trainers.exported import load_exported
-from trainers.recommender import Recommender, UnknownItemsError, split_events
+from twotower.configs import Config
+from twotower.serving.export_format import load_exported
+from twotower.serving.recommender import Recommender, UnknownItemsError, split_events
+
+log = logging.getLogger(__name__)
 
 
 def read_histories(history: str | None, json_file: str | None) -> list[list[str | dict]]:
@@ -25,8 +27,8 @@ def read_histories(history: str | None, json_file: str | None) -> list[list[str 
     return [[i if isinstance(i, dict) else str(i) for i in h] for h in histories]
 
 
-def recommend_once(cfg: Config, model_dir: str, histories: list[list[str | dict]], k: int, skip_unknown: bool) -> None:
-    """Print one `{"history": [...], "items": [{"item_id", "score"}, ...]}` line per history.
+def recommend_once(cfg: Config, model_dir: str, histories: list[list[str | dict]], k: int, skip_unknown: bool) -> list[dict]:
+    """One `{"history": [...], "items": [{"item_id", "score"}, ...]}` per history.
     Unknown ids raise UnknownItemsError, or with `skip_unknown` are dropped (with their timestamps
     and actions) with a warning."""
     if not 1 <= k <= cfg.serving.max_k:
@@ -37,7 +39,7 @@ def recommend_once(cfg: Config, model_dir: str, histories: list[list[str | dict]
     if unknown and not skip_unknown:
         raise UnknownItemsError(unknown)
     if unknown:
-        print(f"twotower recommend: warning: skipped {UnknownItemsError(unknown)}", file=sys.stderr)
+        log.warning(f"skipped {UnknownItemsError(unknown)}")
         skipped = set(unknown)
         keep = [[i not in skipped for i in h] for h in ids]
         ids, times, actions = ([None if v is None else [x for x, kept in zip(v, mask) if kept] for v, mask in zip(part, keep)]
@@ -45,5 +47,5 @@ def recommend_once(cfg: Config, model_dir: str, histories: list[list[str | dict]
     empty = [n for n, h in enumerate(ids) if not h]
     if empty:
         raise ValueError(f"history number(s) {', '.join(str(n + 1) for n in empty)} hold no known item id")
-    for history, row in zip(ids, recommender.recommend(ids, k, (), times, actions)):
-        print(json.dumps({"history": history, "items": [{"item_id": i, "score": s} for i, s in row]}))
+    return [{"history": history, "items": [{"item_id": i, "score": s} for i, s in row]}
+            for history, row in zip(ids, recommender.recommend(ids, k, (), times, actions))]

@@ -1,0 +1,5 @@
+import sys
+
+from twotower.cli import main
+
+sys.exit(main())
