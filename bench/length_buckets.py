@@ -28,8 +28,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from twotower.configs.schema import ItemTowerConfig, SyntheticConfig  # noqa: E402
-from twotower.modules.item_text import item_texts, load_tokenizer, tokenize  # noqa: E402
 from twotower.datamodules.synthetic import catalogue as synthetic_catalogue  # noqa: E402
+from twotower.modules.item_text import item_texts, load_tokenizer, tokenize  # noqa: E402
 from twotower.modules.item_tower import ItemTower  # noqa: E402
 
 DEFAULT_ITEMS = REPO.parent / "shared" / "data" / "ml-100k" / "items.csv"

@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.process_memory import anonymous_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 from twotower.configs import load_config  # noqa: E402
 from twotower.modules.histories import Histories  # noqa: E402
 from twotower.modules.lit_two_tower import TwoTowerModule  # noqa: E402
 from twotower.modules.metrics import metric_sums  # noqa: E402
+
+from bench.process_memory import anonymous_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 
 def random_batch(batch: int, length: int, num_items: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,8 +86,9 @@ def rank_runs(runs: list[Path]) -> tuple[dict, dict[str, list[str]], dict[str, n
 
 def metric_of(ranks: np.ndarray, metric: str) -> np.ndarray:
     """Per-user HR/NDCG/MRR@K from 0-based ranks (modules/metrics.py's definitions)."""
-    from twotower.modules.metrics import metrics_per_user
     import torch
+
+    from twotower.modules.metrics import metrics_per_user
 
     return metrics_per_user(torch.from_numpy(ranks), [int(metric.split("@")[1])])[metric].numpy()
 

@@ -36,9 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from twotower.files import write_text  # noqa: E402
 from twotower.tables import csv_table, markdown_table  # noqa: E402
+
+from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"

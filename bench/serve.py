@@ -58,31 +58,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from twotower.configs import Config, load_config  # noqa: E402
-from twotower.modules.item_text import load_tokenizer  # noqa: E402
 from twotower.modules.histories import pad_left  # noqa: E402
+from twotower.modules.item_text import load_tokenizer  # noqa: E402
 from twotower.modules.two_tower import TwoTower  # noqa: E402
-from twotower.trainers.export import write_exported  # noqa: E402
-from twotower.serving.export_format import Exported, load_exported  # noqa: E402
+from twotower.serving.export_format import Exported, load_exported, write_exported  # noqa: E402
 from twotower.serving.item_index import build_index  # noqa: E402
+
+from tests.helpers import save_tiny_bert  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 WORDS = "comet orbit galaxy lens tide reef canyon glacier harbor violin sonata lantern ember quartz meadow falcon".split()
 
 
 # ---------------------------------------------------------------- the synthetic export
-
-def tiny_bert(folder: Path) -> str:
-    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer (as tests/conftest.py makes it)."""
-    from transformers import BertConfig, BertModel
-
-    if not (folder / "config.json").is_file():
-        tokenizer = load_tokenizer("minilm")
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return str(folder)
-
 
 def synthetic_model(cfg: Config, num_items: int, tokenizer) -> TwoTower:
     """A text-mode TwoTower whose user vector is LayerNorm(newest item's vector) and whose new-item
@@ -393,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    encoder = tiny_bert(workdir / "tiny-bert") if args.encoder == "tiny" else args.encoder
+    encoder = save_tiny_bert(workdir / "tiny-bert") if args.encoder == "tiny" else args.encoder
     cfg = load_config([], ["model.mode=text", f"model.item.encoder={encoder}", "model.item.train_layers=0", *args.overrides])
     load_before = os.getloadavg()
 

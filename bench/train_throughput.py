@@ -55,11 +55,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from twotower.configs import load_config  # noqa: E402
 from twotower.datamodules.datamodule import ShardDataModule  # noqa: E402
 from twotower.datamodules.prepare import prepare  # noqa: E402
 from twotower.modules.lit_two_tower import TwoTowerModule  # noqa: E402
+
+from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 NAIVE = ["model.item.dedup=false", "model.item.dynamic_padding=false", "model.item.train_layers=-1",
          "model.item.cache_frozen=false", "model.item.attention=eager", "trainer.precision=32-true"]

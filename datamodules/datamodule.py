@@ -32,9 +32,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from twotower.configs.schema import Config
 from twotower.datamodules.prepare import read_manifest
 from twotower.datamodules.readers import DataError
+from twotower.datamodules.shards import (
+    Fault,
+    Faults,
+    ShardError,
+    ShardReader,
+    check_manifest,
+    fault_counts,
+    read_all,
+    read_fault_logs,
+    shard_counts,
+    split_reader,
+)
 from twotower.modules.histories import Histories, pad_histories, pad_left, time_gap_codes
-from twotower.datamodules.shards import (Fault, Faults, ShardError, ShardReader, check_manifest, fault_counts, read_all,
-                                read_fault_logs, shard_counts, split_reader)
 
 
 @dataclass

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from twotower.configs.schema import Config, DataConfig
 from twotower.datamodules import amazon, readers, synthetic
-from twotower.modules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
 from twotower.datamodules.shards import write_shards
 from twotower.datamodules.split import EvalCase, Events, leave_one_out
 from twotower.files import atomic_folder
+from twotower.modules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

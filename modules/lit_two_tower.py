@@ -11,12 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from twotower.configs.schema import Config
-from twotower.modules.histories import Histories
 from twotower.modules.distributed import rank_and_world
+from twotower.modules.histories import Histories
 from twotower.modules.losses import cross_rank_softmax_loss, expected_draws_log, softmax_loss
 from twotower.modules.metrics import metrics_per_user, target_ranks
 from twotower.modules.two_tower import TwoTower
-
 
 # `_log_ranking` logs values it has already summed over ranks itself; Lightning's advice to
 # `sync_dist` would reduce them a second time.

@@ -30,9 +30,9 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from twotower.configs import Config, from_container, to_yaml
+from twotower.files import atomic_folder
 from twotower.modules.item_text import load_tokenizer
 from twotower.modules.two_tower import TwoTower
-from twotower.files import atomic_folder
 
 FORMAT_VERSION = 1
 ENCODER_PREFIX = "item_tower.encoder."

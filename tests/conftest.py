@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random BERT (with the packaged MiniLM's tokenizer) for fast tests,
-and small configs that run end to end in seconds on a 2-core CPU."""
+and small configs that run end to end in seconds on a 2-core CPU. Helpers that are not fixtures
+are in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import save_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -22,18 +25,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT saved as a local folder, with MiniLM's real tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from twotower.modules.item_tower import resolve_encoder
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def tiny(tiny_bert: str, folder: Path) -> list[str]:

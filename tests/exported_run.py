@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from cli_runner import twotower
+from helpers import twotower
 
 MODEL_OVERRIDES = ["model.mode=id+text", "model.item.encoder=minilm", "model.item.train_layers=0", "trainer.max_epochs=1"]
 

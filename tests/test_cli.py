@@ -3,7 +3,8 @@ evaluate reproduces the test metrics from the checkpoint, and bad input fails cl
 import json
 
 import pytest
-from cli_runner import twotower
+
+from helpers import twotower
 
 SUMMARY_KEYS = {f"test/{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (10, 20)}
 

@@ -9,7 +9,6 @@ either kind Lightning writes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 

@@ -11,9 +11,9 @@ from twotower.configs import Config
 from twotower.configs.serving import ServingConfig
 from twotower.datamodules.datamodule import ShardDataModule
 from twotower.modules.item_text import load_tokenizer
-from twotower.trainers.evaluate import load_module
 from twotower.serving.export_format import Exported, write_exported
 from twotower.serving.item_index import build_index
+from twotower.trainers.evaluate import load_module
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from twotower.configs import load_config
-from twotower.modules.item_text import load_tokenizer, tokenize
 from twotower.modules.histories import Histories
+from twotower.modules.item_text import load_tokenizer, tokenize
 from twotower.modules.lit_two_tower import TwoTowerModule
 
 TEXTS = ["sailing boats", "a guide to jazz piano chords", "x", "the quiet harbour", "knots", "tides and moons",

@@ -12,10 +12,10 @@ from collections import Counter
 import httpx
 import pytest
 from omegaconf import OmegaConf
-
-from cli_runner import twotower
-from exported_run import exported_run
 from test_serve import start_server
+
+from exported_run import exported_run
+from helpers import twotower
 
 
 @pytest.mark.slow

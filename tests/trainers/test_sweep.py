@@ -10,13 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from cli_runner import twotower
 
 from twotower.configs import load_config
-from twotower.twotower.cli import build_parser
 from twotower.trainers.sweep import ARGS_MACRO, agent_overrides, load_sweep, make_trials, override, split_config_args, trial_argv
+from twotower.twotower.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import twotower
+
+ROOT = Path(__file__).resolve().parents[2]
 SWEEP_FILES = sorted((ROOT / "configs" / "sweep").glob("*.yaml"))
 TINY_SWEEP = {
     "name": "tiny", "method": "grid", "metric": {"name": "val/ndcg@10", "goal": "maximize"},

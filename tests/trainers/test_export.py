@@ -15,15 +15,16 @@ from twotower.configs.serving import ServingConfig
 from twotower.datamodules.datamodule import ShardDataModule
 from twotower.modules.histories import pad_left
 from twotower.modules.item_text import load_tokenizer
-from cli_runner import twotower
-from exported_run import exported_run
 from twotower.modules.two_tower import TwoTower
-from twotower.trainers.evaluate import load_module
-from twotower.trainers.export import write_exported
 from twotower.serving.export_format import Exported, load_exported
 from twotower.serving.item_index import build_index
 from twotower.serving.recommend import read_histories, recommend_once
 from twotower.serving.recommender import Recommender
+from twotower.trainers.evaluate import load_module
+from twotower.trainers.export import write_exported
+
+from exported_run import exported_run
+from helpers import twotower
 
 
 @pytest.fixture

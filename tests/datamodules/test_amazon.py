@@ -15,15 +15,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from cli_runner import twotower
 
 from twotower.configs import load_config
 from twotower.configs.loader import ConfigError
 from twotower.datamodules.amazon import FIELD_CHARS, _clean, read_amazon
 from twotower.datamodules.prepare import load_raw
-from twotower.datamodules.readers import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import raises, twotower
+
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["item_id", *FIELD_CHARS, "line"]
 
 
@@ -33,14 +33,6 @@ def write(path: Path, lines: list, gz: bool = False) -> Path:
                     for line in lines)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
-
-
-def raises(call, *words: str) -> str:
-    with pytest.raises(DataError) as info:
-        call()
-    for word in words:
-        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
-    return str(info.value)
 
 
 def review23(user: str, item: str, ms: int, rating: float = 5.0) -> dict:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shard_files import write_train_shards
-from cli_runner import twotower
 from twotower.modules.losses import cross_rank_softmax_loss, softmax_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import free_port, twotower
+from shard_files import write_train_shards
+
+ROOT = Path(__file__).resolve().parents[2]
 NUM_ITEMS, DIM, TEMPERATURE, NUM_UNIFORM, NUM_ELIGIBLE = 12, 5, 0.7, 3, 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_batch(rank: int) -> dict:

@@ -19,12 +19,14 @@ from fastapi.testclient import TestClient
 from twotower.configs import load_config
 from twotower.configs.serving import ServingConfig
 from twotower.datamodules.synthetic import catalogue
-from exported_run import exported_run
 from twotower.modules.two_tower import TwoTower
+from twotower.serving.app import build_app
 from twotower.serving.export_format import Exported, load_exported
 from twotower.serving.item_index import build_index
 from twotower.serving.recommender import Recommender
-from twotower.serving.app import build_app
+
+from exported_run import exported_run
+from helpers import free_port
 
 LIMITS = ServingConfig()
 
@@ -43,12 +45,6 @@ class Server:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"the server ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: Path, log: Path, timeout: float = 300) -> Server:

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cli_runner import twotower
-from conftest import tiny
 from twotower.trainers.checkpoints import INTERRUPTED, AtomicCheckpointIO
+
+from conftest import tiny
+from helpers import twotower
 
 RUN = ["model.mode=id", "data.synthetic.num_users=600", "data.batch_size=32", "trainer.max_epochs=3"]
 "Small, but several epochs of ~19 steps: long enough to be killed in the middle."

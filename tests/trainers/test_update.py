@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cli_runner import twotower
 from twotower.configs import load_config
 from twotower.datamodules.datamodule import ShardDataModule
 from twotower.datamodules.prepare import prepare, prepare_append
@@ -17,6 +16,8 @@ from twotower.datamodules.readers import DataError
 from twotower.datamodules.synthetic import TIMELINE, write_time_split
 from twotower.modules.lit_two_tower import TwoTowerModule
 from twotower.trainers.evaluate import load_module
+
+from helpers import twotower
 
 CUT = 0.7 * TIMELINE
 "Events before this time train the stale model; the rest arrive later."

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_serve import start_server
 
 from twotower.configs.serving import ServingConfig
-from exported_run import exported_run
-from test_serve import start_server
 from twotower.serving.app import build_app
+
+from exported_run import exported_run
 
 LIMITS = ServingConfig()  # the exported config keeps the defaults
 CONNECTIONS = (1, 8, 32)

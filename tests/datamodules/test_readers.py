@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from twotower.configs.schema import ColumnsConfig
 from twotower.datamodules.readers import DataError, check_consistency, read_interactions, read_items, read_movielens
 
+from helpers import raises
+
 ML100K = Path("/work/shared/data/ml-100k")
 ROWS = [
     {"user_id": "u2", "item_id": "007", "timestamp": 30, "rating": 4.5, "event": "buy"},
@@ -43,16 +45,6 @@ def write_table(folder: Path, name: str, rows: list[dict]) -> Path:
     else:
         frame.to_csv(path, sep="\t" if path.suffix == ".tsv" else ",", index=False)
     return path
-
-
-def raises(call, *words: str) -> str:
-    """Run `call`, expect a DataError whose message holds every one of `words`."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    for word in words:
-        assert word in message, f"{word!r} not in {message!r}"
-    return message
 
 
 def interactions(tmp_path: Path, content: str | bytes, name: str = "interactions.csv", **kwargs):

@@ -19,14 +19,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from shard_files import write_train_shards
-from cli_runner import twotower
 
 from twotower.configs import load_config
 from twotower.datamodules.datamodule import ShardDataModule, TrainSequences
 from twotower.datamodules.prepare import prepare
 from twotower.datamodules.readers import DataError
 from twotower.datamodules.shards import Faults, ShardError, split_reader
+
+from helpers import twotower
+from shard_files import write_train_shards
 
 GARBAGE = b"\x93NUMPY? no: \xff\xfe garbage \x00\x01" * 3
 

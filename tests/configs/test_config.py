@@ -6,7 +6,7 @@ import pytest
 from twotower.configs import ConfigError, load_config, to_yaml
 from twotower.configs.loader import from_container
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml") if p.parent.name != "sweep")
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*/*.yaml") if p.parent.name != "sweep")
 "Config files (W&B sweep files under configs/sweep are checked by test_sweep)."
 
 

@@ -1,0 +1,58 @@
+"""What several test files share: the real command line in a subprocess, a free port, an error
+check, and the tiny random BERT (also used by bench/serve.py)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def twotower(*args: str, cwd: Path, timeout: float = 600, threads: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m twotower ARGS` in `cwd`, as a user would run it; `threads` caps each process's
+    OpenMP threads (several ranks on 2 cores would otherwise oversubscribe them)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.run([sys.executable, "-m", "twotower", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raises(call, *words: str, error: type[Exception] | None = None) -> str:
+    """Run `call`, expect an `error` (default: the readers' DataError) whose message holds every one
+    of `words`; return the message."""
+    import pytest
+
+    if error is None:
+        from twotower.datamodules.readers import DataError as error
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    return message
+
+
+def save_tiny_bert(folder: Path) -> str:
+    """A 2-layer, 32-wide random BERT with the packaged MiniLM's real tokenizer, saved to `folder`
+    (once: an existing one is reused); returns the folder, a `model.item.encoder` value."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from twotower.modules.item_tower import resolve_encoder
+
+    if not (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_encoder("minilm"))
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+        BertModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
