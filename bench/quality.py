@@ -1,6 +1,6 @@
 """Recommendation quality on MovieLens-100K: the popularity baseline and the `id`, `text` and
 `id+text` modes, each trained to early stopping on val/ndcg@10 with its best checkpoint restored,
-ranked by the protocol of SPEC.md, in one table.
+ranked by the evaluation protocol of docs/data.md, in one table.
 
     python bench/quality.py                                  # ../shared/data/ml-100k, all four systems
     python bench/quality.py --cold                           # also the cold split (split.cold_item_fraction=0.1)
@@ -169,7 +169,7 @@ def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
             if cfg.split.cold_item_fraction > 0 else " No cold split (split.cold_item_fraction=0; --cold sets 0.1).")
     return (
         f"Data: {source}; {counts['interactions']} interactions, {counts['users']} users, {counts['items']} items.\n"
-        f"Protocol (SPEC.md): leave-one-out by time (per user: last interaction = test, second last = valid, the rest = "
+        f"Protocol (docs/data.md): leave-one-out by time (per user: last interaction = test, second last = valid, the rest = "
         f"train; ties keep file order; users with < {cfg.split.min_interactions} interactions dropped: "
         f"{counts['dropped_users']}); full ranking over all {counts['items']} items, no sampled negatives; the user's "
         f"input history filtered (eval.filter_seen={str(cfg.eval.filter_seen).lower()}), the target never; ties count "

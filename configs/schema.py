@@ -157,7 +157,7 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    """The evaluation protocol of SPEC.md: leave-one-out by time, optional cold items."""
+    """The evaluation protocol (docs/data.md): leave-one-out by time, optional cold items."""
 
     min_interactions: int = 3
     "Users with fewer interactions are dropped."
@@ -395,7 +395,7 @@ class UpdateConfig:
 
 @dataclass
 class EvalConfig:
-    """Full-catalogue ranking (SPEC.md)."""
+    """Full-catalogue ranking (docs/data.md)."""
 
     filter_seen: bool = True
     "Exclude the user's input history from the ranking (the target never is)."

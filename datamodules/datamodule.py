@@ -224,7 +224,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.fault_log, self._train_faults = fault_log, None
         self.manifest = read_manifest(self.folder)
         if self.manifest is None:
-            raise FileNotFoundError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config first")
+            raise DataError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config (-c, data.*) first")
         if window and "window" not in self.manifest:
             raise ValueError(f"{self.folder}: no appended data to update on; add it with `twotower prepare --append` "
                              "(e.g. data.since=<start of the new window>) first")

@@ -113,7 +113,7 @@ def time_slice(interactions: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
 
 def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] = ()) -> tuple[np.ndarray, list[str], str | None]:
     """(each interaction's action code, the values coded 1, 2, ..., the column read) as `data.actions`
-    says; code 0 means no action. Values are the event names, or the ratings written as numbers
+    says; code 0 means no action (also where the value is missing: an empty event, an empty rating). Values are the event names, or the ratings written as numbers
     ("4", "4.5"); `known` (a catalogue prepared before) keeps its codes, new values come after."""
     column = data.actions
     if column == "auto":
@@ -124,6 +124,8 @@ def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] 
         raise readers.DataError(f"data.actions={column}: the interactions have no {column} column "
                                 f"(columns: {', '.join(c for c in interactions.columns if c != 'line')})")
     values = interactions[column]
+    present = values.notna() if column == "rating" else values.astype(str).str.strip() != ""  # missing: code 0
+    values = values[present]
     names = values.map(lambda v: f"{v:g}") if column == "rating" else values.astype(str)
     order = sorted(names.unique(), key=float) if column == "rating" else sorted(names.unique())
     given = set(known)
@@ -131,8 +133,9 @@ def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] 
     if len(vocabulary) > MAX_ACTIONS:
         raise readers.DataError(f"data.actions={column}: {len(vocabulary)} distinct values in the {column} column, at most "
                                 f"{MAX_ACTIONS} can be action codes; set data.actions=none (or another column)")
-    codes = pd.Series(np.arange(1, len(vocabulary) + 1, dtype=np.int16), index=vocabulary)
-    return codes.loc[names].to_numpy(), vocabulary, column
+    codes = np.zeros(len(interactions), dtype=np.int16)
+    codes[present.to_numpy()] = pd.Series(np.arange(1, len(vocabulary) + 1, dtype=np.int16), index=vocabulary).loc[names].to_numpy()
+    return codes, vocabulary, column
 
 
 def _events_members(events: Events) -> dict:

@@ -184,10 +184,10 @@ def _interactions(raw: pd.DataFrame, columns: ColumnsConfig, rows: _BadRows) -> 
         "bad_timestamp",
         lambda row: f"column '{time}': {_show(raw.at[row.name, time])} is not a number or ISO date",
     )
-    if "rating" in out.columns:
+    if "rating" in out.columns:  # an empty or null rating is a missing one (NaN), not a bad one
         out = rows.drop(
             out,
-            ~np.isfinite(out["rating"]),
+            ~np.isfinite(out["rating"]) & ~_is_empty(raw.loc[out.index, columns.rating]),
             "bad_rating",
             lambda row: f"column '{columns.rating}': {_show(raw.at[row.name, columns.rating])} is not a number",
         )
@@ -362,6 +362,11 @@ def _text(values: pd.Series) -> pd.Series:
         if ((whole % 1 == 0) & (whole.abs() < 2**53)).all():
             values = values.astype("Int64")
     return values.astype(str).where(values.notna(), "")
+
+
+def _is_empty(values: pd.Series) -> pd.Series:
+    """True where a cell holds no value: null, or only whitespace."""
+    return values.isna() | (values.astype(str).str.strip() == "")
 
 
 def _to_number(values: pd.Series) -> pd.Series:

@@ -1,4 +1,4 @@
-"""Leave-one-out by time (SPEC.md), with optional cold items held out of training entirely.
+"""Leave-one-out by time (docs/data.md), with optional cold items held out of training entirely.
 
 Per user, sorted by time (ties keep file order): the last interaction is `test`, the one before
 `valid`, the rest `train`; users with fewer than `min_interactions` are dropped. With

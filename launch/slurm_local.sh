@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on a test machine, so that `launch/slurm.sbatch` can be tested with
-# real `sbatch`/`srun` (tests/test_launch.py::test_sbatch_on_a_live_one_node_cluster, which is
-# skipped unless `sinfo` shows an idle node). Follows /work/shared/SLURM-LOCAL.md: Debian's
-# SLURM 22.05 without systemd, as root.
+# real `sbatch`/`srun` (tests/launch/test_launch.py::test_sbatch_on_a_live_one_node_cluster, which
+# is skipped unless `sinfo` shows an idle node). See docs/slurm-local.md: Debian's SLURM 22.05
+# without systemd, as root.
 #
 #   launch/slurm_local.sh start DIR   # munged + slurmctld + slurmd; writes DIR/slurm.conf and DIR/env
 #   . DIR/env                         # or: export SLURM_CONF=DIR/slurm.conf (start prints the line)
@@ -95,7 +95,7 @@ start() {
     max_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     (( mem_mb > max_mb )) && mem_mb=$max_mb
     cat >"$conf.tmp" <<EOF
-# One-node test cluster written by launch/slurm_local.sh (see /work/shared/SLURM-LOCAL.md).
+# One-node test cluster written by launch/slurm_local.sh (see docs/slurm-local.md).
 ClusterName=twotower-local
 SlurmctldHost=$host
 SlurmUser=root

@@ -1,4 +1,4 @@
-"""Full-ranking metrics of SPEC.md: HR@K, NDCG@K and MRR@K with one target per user.
+"""Full-ranking metrics of the evaluation protocol (docs/data.md): HR@K, NDCG@K and MRR@K with one target per user.
 
 Ties count against the target: its rank is the number of other items scored >= it, so a model
 that scores everything the same ranks every target last, never first. Scores are inner products

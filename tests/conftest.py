@@ -19,9 +19,6 @@ THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKE
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(min(2, THREADS))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT saved as a local folder, with MiniLM's real tokenizer."""

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"The public data sets beside the repository (../shared/data), which it may not redistribute; tests that read them skip where they are missing."
+
 
 def twotower(*args: str, cwd: Path, timeout: float = 600, threads: int | None = None) -> subprocess.CompletedProcess:
     """`python -m twotower ARGS` in `cwd`, as a user would run it; `threads` caps each process's

@@ -44,3 +44,75 @@ def test_bad_data_fails_with_file_line_and_problem(tmp_path):
                       "data.text_fields=[title]", cwd=tmp_path)
     assert result.returncode == 2 and "inter.csv" in result.stderr and "line 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_command_explains_itself_with_runnable_examples(tmp_path):
+    from twotower.cli import COMMANDS
+
+    top = twotower("--help", cwd=tmp_path)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
+    for name in COMMANDS:
+        shown = twotower(name, "--help", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        examples = shown.stdout.split("examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert len(examples) >= 2 and all(e.strip().startswith(("twotower ", "curl ")) for e in examples), name
+    fit_help = twotower("fit", "--help", cwd=tmp_path).stdout
+    assert "model.item.train_layers=" in fit_help and "trainer.lr=" in fit_help  # every key, with its default
+
+
+def test_version_and_the_old_module_entry_point(tmp_path):
+    from twotower import __version__
+
+    version = twotower("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"twotower {__version__}" and __version__ != "0+unknown"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    old = subprocess.run([sys.executable, "-m", "trainers", "fit"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=60)
+    assert old.returncode != 0 and "python -m twotower" in old.stderr
+
+
+def test_config_show_prints_the_resolved_config_documented_and_loadable(tmp_path):
+    from twotower.configs import load_config
+
+    shown = twotower("config", "show", "-c", "trainer/ddp_cpu_2proc", "model.dim=48", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "  # Size of the shared item/user vector space.\n  dim: 48\n" in shown.stdout
+    (tmp_path / "shown.yaml").write_text(shown.stdout)
+    again = load_config([tmp_path / "shown.yaml"])
+    assert again == load_config(["trainer/ddp_cpu_2proc"], ["model.dim=48"]) and again.model.dim == 48
+    assert again.trainer.devices == 2  # from the packaged group, found by name outside the repository
+
+
+def test_config_files_resolve_by_group_name_and_an_existing_path_wins(tmp_path):
+    from twotower.configs import ConfigError, load_config
+    from twotower.configs.loader import config_path
+
+    found = {config_path(name).resolve() for name in ("trainer/ddp", "trainer/ddp.yaml", "configs/trainer/ddp.yaml")}
+    assert len(found) == 1
+    assert config_path("trainer/ddp").is_file() and config_path("trainer/ddp").parent.parent.name == "configs"
+    mine = tmp_path / "trainer" / "ddp.yaml"
+    mine.parent.mkdir()
+    mine.write_text("trainer:\n  max_epochs: 7\n")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert load_config(["trainer/ddp.yaml"]).trainer.max_epochs == 7  # the file here, not the packaged one
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(ConfigError, match=r"'trainer/dpp' not found .*did you mean trainer/ddp"):
+        load_config(["trainer/dpp"])
+
+
+def test_progress_messages_go_to_stderr_and_quiet_silences_them(tiny_overrides, tmp_path):
+    first = twotower("prepare", *tiny_overrides, cwd=tmp_path)
+    quiet = twotower("--quiet", "prepare", *tiny_overrides, cwd=tmp_path)
+    loud = twotower("prepare", *tiny_overrides, cwd=tmp_path)
+    assert first.returncode == quiet.returncode == loud.returncode == 0, first.stderr[-2000:]
+    assert "twotower prepare: wrote" in first.stderr and first.stdout == ""
+    assert "twotower prepare: " not in quiet.stderr
+    assert "twotower prepare: " in loud.stderr and "is up to date" in loud.stderr

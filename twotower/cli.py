@@ -194,7 +194,6 @@ def setup_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("twotower %(module)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
 
 
 def _is_rank_zero() -> bool:

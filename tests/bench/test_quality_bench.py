@@ -92,7 +92,7 @@ def test_paired_ranks_are_the_runs_and_their_errors_are_the_textbook_ones(quick,
     users = pd.read_csv(tmp_path / "per_user.csv", dtype={"user_id": str})
     summary = json.loads((run / "summary.json").read_text())
 
-    def ndcg(ranks) -> list[float]:  # SPEC.md: one target, 0-based rank
+    def ndcg(ranks) -> list[float]:  # docs/data.md: one target, 0-based rank
         return [1 / math.log2(r + 2) if r < 10 else 0.0 for r in ranks]
 
     for split, key in (("test", "test/ndcg@10"), ("valid", "best/val/ndcg@10")):

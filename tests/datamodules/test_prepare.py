@@ -2,6 +2,7 @@
 no half-written output when the input is bad."""
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -51,12 +52,13 @@ def test_shards_are_tar_files_that_hold_the_split(tiny_overrides, tmp_path):
         assert cold[case["json"]["target"]]
 
 
-def test_prepare_is_skipped_when_up_to_date_and_redone_when_the_config_changes(tiny_overrides, capsys):
+def test_prepare_is_skipped_when_up_to_date_and_redone_when_the_config_changes(tiny_overrides, caplog):
     cfg = load_config([], tiny_overrides)
     out = prepare(cfg)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    prepare(cfg)
-    assert "up to date" in capsys.readouterr().out and (out / "manifest.json").stat().st_mtime_ns == stamp
+    with caplog.at_level(logging.INFO, logger="twotower"):
+        prepare(cfg)
+    assert "up to date" in caplog.text and (out / "manifest.json").stat().st_mtime_ns == stamp
     prepare(load_config([], tiny_overrides + ["data.max_text_len=8"]))
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["max_text_len"] == 8
 
@@ -118,6 +120,12 @@ def test_action_codes_keep_the_codes_already_given_and_refuse_too_many_values():
     rating = load_config([], ["data.actions=rating"]).data
     codes, values, column = action_codes(frame, rating)
     assert (column, values, codes.tolist()) == ("rating", ["1", "4.5", "5"], [1, 2, 3, 1])
+    # A missing value (an empty event, a null rating) is no action: code 0, not a value of its own.
+    gaps = pd.DataFrame({"event": ["buy", "", " ", "view"], "rating": [4.0, None, 5.0, float("nan")]})
+    codes, values, _ = action_codes(gaps, cfg.data)
+    assert (codes.tolist(), values) == ([1, 0, 0, 2], ["buy", "view"])
+    codes, values, _ = action_codes(gaps, rating)
+    assert (codes.tolist(), values) == ([1, 0, 2, 0], ["4", "5"])
     none = load_config([], ["data.actions=none"]).data
     assert action_codes(frame, none)[1:] == ([], None) and not action_codes(frame, none)[0].any()
     many = pd.DataFrame({"event": [f"e{n}" for n in range(MAX_ACTIONS + 1)]})

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from twotower.configs.schema import ColumnsConfig
 from twotower.datamodules.readers import DataError, check_consistency, read_interactions, read_items, read_movielens
 
-from helpers import raises
+from helpers import SHARED_DATA, raises
 
-ML100K = Path("/work/shared/data/ml-100k")
+ML100K = SHARED_DATA / "ml-100k"
 ROWS = [
     {"user_id": "u2", "item_id": "007", "timestamp": 30, "rating": 4.5, "event": "buy"},
     {"user_id": "u1", "item_id": "12", "timestamp": 10, "rating": 3.0, "event": "click"},
@@ -175,6 +175,22 @@ def test_csv_errors(tmp_path, content, words):
 )
 def test_jsonl_errors(tmp_path, content, words):
     raises(lambda: interactions(tmp_path, content, name="events.jsonl"), "events.jsonl", *words)
+
+
+@pytest.mark.parametrize("name", ["interactions.csv", "interactions.jsonl", "interactions.parquet"])
+def test_empty_optional_values_are_missing_values(tmp_path, name):
+    """An empty (or null) rating or event is a missing value, in every format; a present value
+    that is not a number is still refused."""
+    rows = [{"user_id": "u1", "item_id": "a", "timestamp": 1, "rating": "4", "event": "buy"},
+            {"user_id": "u1", "item_id": "b", "timestamp": 2, "rating": "", "event": ""},
+            {"user_id": "u2", "item_id": "a", "timestamp": 3, "rating": None, "event": None},
+            {"user_id": "u2", "item_id": "b", "timestamp": 4, "rating": " ", "event": "view"}]
+    frame, skipped = read_interactions(write_table(tmp_path, name, rows), ColumnsConfig())
+    assert skipped == {}
+    assert frame["rating"].tolist()[0] == 4.0 and frame["rating"].isna().tolist() == [False, True, True, True]
+    assert frame["event"].tolist() == ["buy", "", "", "view"]
+    rows[1]["rating"] = "four"
+    raises(lambda: read_interactions(write_table(tmp_path, name, rows), ColumnsConfig()), name, "'four' is not a number")
 
 
 def test_parquet_errors_name_the_row(tmp_path):

@@ -1,4 +1,4 @@
-"""Leave-one-out by time (SPEC.md) on hand-made sequences whose answer is written out."""
+"""Leave-one-out by time (docs/data.md) on hand-made sequences whose answer is written out."""
 import numpy as np
 import pandas as pd
 

@@ -55,7 +55,7 @@ def test_sbatch_script_derives_the_world_from_the_allocation(tmp_path):
     assert result.returncode == 0, result.stderr
     recorded = (tmp_path / "srun.log").read_text()
     assert "MASTER=gpu-a17:" in recorded and f":{15000 + 4242}" in recorded
-    assert "-m trainers fit trainer.devices=4 trainer.num_nodes=2 trainer.resume=auto trainer.max_epochs=3" in recorded
+    assert "-m twotower fit trainer.devices=4 trainer.num_nodes=2 trainer.resume=auto trainer.max_epochs=3" in recorded
     assert "--kill-on-bad-exit=1" in recorded
 
 
@@ -77,7 +77,7 @@ def _slurm_running() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _slurm_running(), reason="no live SLURM here (launch/slurm_local.sh start DIR; see /work/shared/SLURM-LOCAL.md)")
+@pytest.mark.skipif(not _slurm_running(), reason="no live SLURM here (launch/slurm_local.sh start DIR; see docs/slurm-local.md)")
 def test_sbatch_on_a_live_one_node_cluster(tiny_overrides, tmp_path):
     """Two srun tasks on one node: each task is a rank of the srun world (SLURM_PROCID 0 and 1 of 2,
     SLURM_LOCALID 0 and 1), Lightning's SLURMEnvironment trains with that world, rank 0 writes

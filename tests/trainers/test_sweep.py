@@ -84,7 +84,7 @@ def test_local_sweep_then_compare_ranks_the_best_trial_first(sweep_dir, tmp_path
 
     again = twotower("sweep", str(sweep_dir.parent / "tiny.yaml"), "--out", str(sweep_dir), "logger.wandb.mode=offline",
                      f"data.dir={sweep_dir.parent / 'data'}", cwd=sweep_dir.parent)
-    assert again.returncode == 0 and "4 finished before, running 0" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert again.returncode == 0 and "4 finished before, running 0" in again.stderr, again.stdout + again.stderr[-2000:]
 
 
 @pytest.mark.slow
