@@ -57,14 +57,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.helpers import save_tiny_bert  # noqa: E402
 from twotower.configs import Config, load_config  # noqa: E402
 from twotower.modules.histories import pad_left  # noqa: E402
 from twotower.modules.item_text import load_tokenizer  # noqa: E402
 from twotower.modules.two_tower import TwoTower  # noqa: E402
 from twotower.serving.export_format import Exported, load_exported, write_exported  # noqa: E402
 from twotower.serving.item_index import build_index  # noqa: E402
-
-from tests.helpers import save_tiny_bert  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 WORDS = "comet orbit galaxy lens tide reef canyon glacier harbor violin sonata lantern ember quartz meadow falcon".split()

@@ -290,8 +290,8 @@ def run_sweep(file: str | Path, out: str | Path | None = None, extra: list[str] 
         run_dir.mkdir(parents=True, exist_ok=True)
         trial.status, started = "running", time.time()
         record()
-        with open(run_dir / "fit.log", "w") as log:
-            done = subprocess.run([sys.executable, "-m", "twotower", *trial.argv], stdout=log,
+        with open(run_dir / "fit.log", "w") as output:
+            done = subprocess.run([sys.executable, "-m", "twotower", *trial.argv], stdout=output,
                                   stderr=subprocess.STDOUT, env=trial_env(threads))
         trial.returncode, trial.wall_s = done.returncode, time.time() - started
         trial.status = "done" if done.returncode == 0 and (run_dir / "summary.json").is_file() else "failed"

@@ -188,10 +188,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class _Formatter(logging.Formatter):
+    """`twotower <module>: message`, with `warning: ` / `error: ` before the message at those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"twotower {record.module}: {level}{record.getMessage()}"
+
+
 def setup_logging(quiet: bool) -> None:
     """twotower's messages on stderr as `twotower <module>: message`; results go to stdout."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("twotower %(module)s: %(message)s"))
+    handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -288,12 +296,21 @@ def main(argv: list[str] | None = None) -> int:
             return _missing_extra(exc, args.command)
         raise
     except ValueError as exc:  # DataError and ConfigError included
-        kind = "data error" if type(exc).__name__ == "DataError" else "error"
-        print(f"twotower {args.command}: {kind}: {exc}", file=sys.stderr)
+        print(f"twotower {args.command}: {_error_kind(exc, args.command)}: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"twotower {args.command}: training diverged: {exc}", file=sys.stderr)
         return 1
+
+
+def _error_kind(exc: ValueError, command: str) -> str:
+    """"data error" for bad input data (only the training commands read any), else "error"."""
+    if command in TRAINING_COMMANDS:
+        from twotower.datamodules.readers import DataError
+
+        if isinstance(exc, DataError):
+            return "data error"
+    return "error"
 
 
 def _sweep_or_compare(args: argparse.Namespace) -> int:

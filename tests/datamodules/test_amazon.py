@@ -164,7 +164,7 @@ def files(tmp_path: Path, reviews: list, meta: list, gz: bool = False) -> tuple[
         (["", {"who": 1}], META_2023, ["reviews.jsonl, line 2", "neither a 2018 nor a 2023"]),
         (REVIEWS_2023[:1] + [{**review23("U3", "P1", 1), "timestamp": "later"}], META_2023,
          ["reviews.jsonl, line 2", "'timestamp'", "'later' is not a number"]),
-        (REVIEWS_2023[:1] + [{**review23("U3", "P1", 1), "rating": None}], META_2023, ["line 2", "'rating': null is not a number"]),
+        (REVIEWS_2023[:1] + [{**review23("U3", "P1", 1), "rating": "five"}], META_2023, ["line 2", "'rating': 'five' is not a number"]),
         (REVIEWS_2023[:1] + [review23("", "P1", 1)], META_2023, ["line 2", "empty user id"]),
         (REVIEWS_2023[:1] + [b'{"user_id": "caf\xe9"}'], META_2023, ["reviews.jsonl, line 2", "not valid UTF-8", "0xe9"]),
         (["", "  "], META_2023, ["reviews.jsonl", "empty file"]),

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import twotower
 from twotower.configs import load_config
 from twotower.serving.export_format import load_exported
 from twotower.serving.recommender import Recommender
+
+from helpers import twotower
 
 OLD = Path(__file__).resolve().parents[1] / "data" / "v0.1.0"
 HISTORY = ["i00001", "i00002", "i00003"]

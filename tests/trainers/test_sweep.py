@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from twotower.cli import build_parser
 from twotower.configs import load_config
 from twotower.trainers.sweep import ARGS_MACRO, agent_overrides, load_sweep, make_trials, override, split_config_args, trial_argv
-from twotower.twotower.cli import build_parser
 
 from helpers import twotower
 
