@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from twotower.configs import load_config  # noqa: E402
 from twotower.datamodules.prepare import prepare_append, read_manifest  # noqa: E402
 from twotower.datamodules.synthetic import TIMELINE, write_time_split  # noqa: E402
+from twotower.tables import markdown_table  # noqa: E402
 from twotower.trainers.evaluate import evaluate_checkpoint  # noqa: E402
 from twotower.trainers.fit import fit  # noqa: E402
 from twotower.trainers.update import update  # noqa: E402
@@ -83,11 +84,11 @@ def main() -> None:
     print(f"\ntest_window: {window['new_users']} users with events after the cut, their newest event ranked over the full "
           f"catalogue, grown by {appended['new_items']} items first seen after the cut\n")
     stale_ndcg = rows["stale"][0]["ndcg@10"]
-    print("| model | trained on | wall s | HR@10 | NDCG@10 | MRR@10 | NDCG@10 vs stale |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (metrics, trained_on, wall) in rows.items():
-        print(f"| {name} | {trained_on} | {wall:.0f} | " + " | ".join(f"{metrics[m]:.4f}" for m in METRICS)
-              + f" | {metrics['ndcg@10'] / stale_ndcg:.2f}x |")
+    columns = ["model", "trained on", "wall s", *(m.upper() for m in METRICS), "NDCG@10 vs stale"]
+    print(markdown_table([{"model": name, "trained on": trained_on, "wall s": f"{wall:.0f}",
+                           **{m.upper(): f"{metrics[m]:.4f}" for m in METRICS},
+                           "NDCG@10 vs stale": f"{metrics['ndcg@10'] / stale_ndcg:.2f}x"}
+                          for name, (metrics, trained_on, wall) in rows.items()], columns))
     print(f"\nupdate kept: {summary['kept']}; working folder {work}")
 
 
