@@ -13,7 +13,7 @@ $(BIN)/twotower: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[train,test]"
+	$(BIN)/pip install --quiet -e ".[train,test,bench]"
 	touch $(BIN)/twotower
 
 install: $(BIN)/twotower

@@ -80,7 +80,8 @@ def synthetic_model(cfg: Config, num_items: int, tokenizer) -> TwoTower:
         tower = model.user_tower
         tower.positions.weight.zero_()
         for block in tower.blocks:
-            for layer in (block.out, block.mlp[2]):
+            last_linear = [m for m in block.mlp if isinstance(m, torch.nn.Linear)][-1]
+            for layer in (block.out, last_linear):  # each block passes its (normalised) input through
                 layer.weight.zero_()
                 layer.bias.zero_()
         probe = tokenizer([f"title: {w} {v}" for w in WORDS for v in WORDS[:4]], padding=True, return_tensors="pt")
