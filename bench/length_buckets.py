@@ -31,6 +31,7 @@ from twotower.configs.schema import ItemTowerConfig, SyntheticConfig  # noqa: E4
 from twotower.datamodules.synthetic import catalogue as synthetic_catalogue  # noqa: E402
 from twotower.modules.item_text import item_texts, load_tokenizer, tokenize  # noqa: E402
 from twotower.modules.item_tower import ItemTower  # noqa: E402
+from twotower.tables import markdown_table  # noqa: E402
 
 DEFAULT_ITEMS = REPO.parent / "shared" / "data" / "ml-100k" / "items.csv"
 
@@ -72,9 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {source}: {len(ids)} items, tokens per item mean {lengths.float().mean():.1f}, longest {int(lengths.max())}; "
           f"MiniLM, train_layers={args.train_layers}, frozen cache, {args.threads} thread(s), best of {args.reps}; "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print("| bucket_items | chunks | padded tokens | fwd+bwd s | speed-up vs first row | max abs diff of vectors |")
-    print("|---|---|---|---|---|---|")
-    first = None
+    columns = ["bucket_items", "chunks", "padded tokens", "fwd+bwd s", "speed-up vs first row", "max abs diff of vectors"]
+    rows, first = [], None
     for bucket_items in [int(b) for b in args.buckets.split(",")]:
         torch.manual_seed(0)
         tower = ItemTower(ItemTowerConfig(train_layers=args.train_layers, bucket_items=bucket_items), "text", len(ids), 64)
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             tower(items).square().sum().backward()
             seconds.append(time.perf_counter() - started)
         first = first or (min(seconds), vectors)
-        print(f"| {bucket_items} | {len(chunks)} | {sum(len(p) * w for p, w in chunks)} | {min(seconds):.2f} "
-              f"| {first[0] / min(seconds):.2f}x | {float((vectors - first[1]).abs().max()):.1e} |", flush=True)
+        rows.append(dict(zip(columns, [bucket_items, len(chunks), sum(len(p) * w for p, w in chunks), f"{min(seconds):.2f}",
+                                       f"{first[0] / min(seconds):.2f}x", f"{float((vectors - first[1]).abs().max()):.1e}"])))
+    print(markdown_table(rows, columns))
 
 
 if __name__ == "__main__":
