@@ -22,6 +22,11 @@ PROGRESS_MIN_ITEMS = 10_000
 "Encoding at least this many items shows a progress bar (a minute or more on a CPU with MiniLM)."
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's memory as bytes, whatever its dtype (numpy has no bfloat16)."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def progress(chunks, desc: str, items: int, chunk_size: int):
     """`chunks` (of `chunk_size` items, `items` in all) with a progress bar in items, when they are many."""
     if items < PROGRESS_MIN_ITEMS:
@@ -127,7 +132,9 @@ class ItemTower(nn.Module):
         starts = progress(range(0, len(self.tokens), batch_size), "frozen cache", len(self.tokens), batch_size)
         chunks = ((self.tokens[start:start + batch_size], self.lengths[start:start + batch_size]) for start in starts)
         if self.cfg.frozen_cache_dir is None:
-            self.frozen_cache = torch.cat([self._frozen_output(*chunk) for chunk in chunks])
+            # In host memory, whatever the device: at 1M items x 32 tokens x 384 it is ~49 GB, which
+            # no GPU should hold; a step copies its own items' rows over (`_cached`).
+            self.frozen_cache = torch.cat([self._frozen_output(*chunk).cpu() for chunk in chunks])
         else:
             self.frozen_cache = self._memory_mapped_cache(Path(self.cfg.frozen_cache_dir), chunks)
         self.encoder.train(was_training)
@@ -137,12 +144,12 @@ class ItemTower(nn.Module):
         crash never leaves a partial cache to be reused. Its name hashes what its content depends on."""
         key = hashlib.sha256()
         for tensor in (self.tokens, self.lengths, torch.tensor([self.frozen_layers, self.caches_pooled])):
-            key.update(tensor.cpu().numpy().tobytes())
+            key.update(_raw_bytes(tensor))
         frozen = dict(self.encoder.named_parameters())
         for name in sorted(frozen):
             if not frozen[name].requires_grad:
                 key.update(name.encode())
-                key.update(frozen[name].detach().cpu().numpy().tobytes())
+                key.update(_raw_bytes(frozen[name]))
         path = folder / f"frozen-cache-{key.hexdigest()[:20]}.npy"
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
@@ -152,13 +159,19 @@ class ItemTower(nn.Module):
                 out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
                 start = 0
                 for chunk in chunks:
-                    part = self._frozen_output(*chunk).cpu().numpy()
+                    part = self._frozen_output(*chunk).float().cpu().numpy()  # float32 on disk, whatever the weights
                     out[start:start + len(part)] = part
                     start += len(part)
                 out.flush()
                 del out
         # Copy-on-write: a writable view for torch, pages read from disk on demand, the file never changed.
         return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+    def _cached(self, items: torch.Tensor) -> torch.Tensor:
+        """The frozen cache's rows of `items`, on their device, in the encoder's dtype (the cache is
+        float32 on disk, the weights may be bf16 under DeepSpeed)."""
+        rows = self.frozen_cache[items.to(self.frozen_cache.device)]
+        return rows.to(device=items.device, dtype=self.projection.weight.dtype, non_blocking=True)
 
     def _top_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # [n, 1, 1, T] additive mask: what BERT's eager and SDPA attention both accept.
@@ -205,7 +218,7 @@ class ItemTower(nn.Module):
     def _encode_width(self, items: torch.Tensor, width: int) -> torch.Tensor:
         mask = (torch.arange(width, device=items.device) < self.lengths[items][:, None]).long()
         if self.frozen_cache is not None:
-            hidden = self.frozen_cache[items.to(self.frozen_cache.device), :width].to(items.device)
+            hidden = self._cached(items)[:, :width]
             return self._pool_and_project(self._top_layers(hidden, mask), mask)
         return self.encode_text(self.tokens[items, :width], mask)
 
@@ -216,7 +229,7 @@ class ItemTower(nn.Module):
         vectors, more work)."""
         out = None
         if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
-            out = self._project(self.frozen_cache[items.to(self.frozen_cache.device)].to(items.device))
+            out = self._project(self._cached(items))
         elif self.encoder is not None:
             chunks = self.padded_chunks(items)
             out = torch.cat([self._encode_width(items[positions], width) for positions, width in chunks])

@@ -2,6 +2,7 @@
 candidates, full-ranking validation and test, AdamW with a lower encoder LR and warm-up."""
 from __future__ import annotations
 
+import math
 import resource
 import time
 import warnings
@@ -29,6 +30,14 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
+def micro_step(global_step: int, batch_idx: int, accumulate: int) -> int:
+    """A number per micro-batch: with gradient accumulation `global_step` stays the same for the
+    `accumulate` micro-batches of one optimizer step, which would otherwise all draw the same
+    negatives and dropout masks. Distinct for every micro-batch of a run (the window's position is
+    below `accumulate`), and restored with `global_step` and `batch_idx` on resume."""
+    return global_step * accumulate + batch_idx % accumulate
+
+
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
     """`auto`: the exact softmax when every item's vector is a cheap lookup (id mode, or a frozen encoder
     served from its cache) and a batch's [positions x catalogue] logits stay within full_max_logits."""
@@ -47,12 +56,25 @@ class TwoTowerModule(pl.LightningModule):
         self.model = TwoTower(cfg.model, num_items, num_actions)
         self.full_softmax = uses_full_softmax(cfg, num_items)
         # Sampler statistics: popularity of each item, and the items negatives may be drawn from.
-        self.register_buffer("item_prob", (train_counts.double() + 1) / (train_counts.sum() + num_items), persistent=False)
+        # Counts, not probabilities: integer buffers keep their dtype when a strategy casts the module
+        # to bf16 (DeepSpeed before 0.19 cast buffers too), and logQ needs them exact (`item_prob`).
+        self.register_buffer("item_counts", train_counts.long() + 1, persistent=False)
+        self.count_total = int(train_counts.sum()) + num_items
         self.register_buffer("eligible", torch.nonzero(~cold).squeeze(1), persistent=False)
         self.test_split = "test"
         "Which split `trainer.test` ranks (test or cold); also its metrics' prefix."
         self._step_started = None
         self._loss: torch.Tensor | None = None
+        self._step_flagged = False
+        "This step's loss or gradients were found non-finite before the optimizer step."
+        self._engine_steps: int | None = None
+        "DeepSpeed's optimizer-step count when last read (`_check_deepspeed_step`)."
+
+    @property
+    def item_prob(self) -> torch.Tensor:
+        """[num_items] float64: each item's share of the training events (add-one smoothed), the
+        popularity sampler's probabilities that logQ corrects for."""
+        return self.item_counts.double() / self.count_total
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Histories, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -113,7 +135,9 @@ class TwoTowerModule(pl.LightningModule):
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.cfg.seed, self.global_rank, self.global_step))
+        step = micro_step(self.global_step, batch_idx, self.trainer.accumulate_grad_batches)
+        torch.manual_seed(step_seed(self.cfg.seed, self.global_rank, step))
+        self._step_flagged = False
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -124,6 +148,25 @@ class TwoTowerModule(pl.LightningModule):
         if self.device.type == "cuda":
             metrics["train/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.log_dict(metrics, batch_size=sequences)
+        self._check_deepspeed_step()
+
+    def _check_deepspeed_step(self) -> None:
+        """Under DeepSpeed ZeRO parameters have no `.grad` (the gradients live in its partitions), so
+        `on_before_optimizer_step` sees none. DeepSpeed's own step computes their global norm and
+        skips (leaves every weight and moment as it was) a step whose norm is not finite; read it
+        after the step: log it as `train/grad_norm`, and apply `trainer.on_nan` to a skipped one."""
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is None or engine.global_steps == self._engine_steps:  # no optimizer step (accumulating)
+            return
+        self._engine_steps = engine.global_steps
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            return
+        norm = float(norm)  # the same on every rank: reduced over all of them
+        if math.isfinite(norm):
+            self.log("train/grad_norm", norm, batch_size=1)
+        elif not self._step_flagged:  # a non-finite loss has been dealt with before the step
+            self._non_finite_step()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
@@ -145,6 +188,14 @@ class TwoTowerModule(pl.LightningModule):
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if not bad:
             return True
+        self._step_flagged = True
+        self._non_finite_step()
+        for parameter in self.parameters():
+            parameter.grad = None
+        return False
+
+    def _non_finite_step(self) -> None:
+        """`trainer.on_nan=raise`: stop naming the step and the last good checkpoint; `skip`: count it."""
         if self.cfg.trainer.on_nan == "raise":
             callback = self.trainer.checkpoint_callback
             last = (callback.last_model_path or callback.best_model_path) if callback else ""
@@ -152,10 +203,7 @@ class TwoTowerModule(pl.LightningModule):
                 f"non-finite loss or gradients at step {self.global_step} (epoch {self.current_epoch}); "
                 f"last good checkpoint: {last or 'none yet'}. Lower trainer.lr, keep trainer.gradient_clip_val, "
                 "or set trainer.on_nan=skip to drop such steps")
-        for parameter in self.parameters():
-            parameter.grad = None
         self.log("train/skipped_steps", 1.0, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
-        return False
 
     def configure_optimizers(self):
         encoder = self.model.item_tower.encoder

@@ -3,7 +3,10 @@
 Ties count against the target: its rank is the number of other items scored >= it, so a model
 that scores everything the same ranks every target last, never first. Scores are inner products
 of user and item vectors, computed `chunk_size` items at a time, so memory is bounded by
-users x chunk_size whatever the catalogue size (a 1M-item catalogue ranks in a few hundred MB)."""
+users x chunk_size whatever the catalogue size (a 1M-item catalogue ranks in a few hundred MB).
+Scores are float32 (float64 vectors stay float64) whatever the training precision: bf16 vectors
+(DeepSpeed bf16) are cast up, and autocast (bf16-mixed) is off while ranking, so a reported rank
+never depends on a bf16 rounding of the scores."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +16,15 @@ def target_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor
                  exclude: torch.Tensor | None = None, chunk_size: int = 65536) -> torch.Tensor:
     """0-based rank of each user's target among all items, by score <user, item>.
     users [U, d]; items [N, d]; targets [U]; exclude [U, L] item indices removed from the
-    ranking (the user's history, left-padded with -1); the target itself never is."""
+    ranking (the user's history, left-padded with -1); the target itself never is.
+    Scored in float32 at least (the vectors' own dtype when wider), with autocast off."""
+    dtype = torch.promote_types(torch.promote_types(users.dtype, items.dtype), torch.float32)
+    with torch.autocast(device_type=users.device.type, enabled=False):
+        return _target_ranks(users.to(dtype), items.to(dtype), targets, exclude, chunk_size)
+
+
+def _target_ranks(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                  exclude: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
     target_scores = (users * items[targets]).sum(1, keepdim=True)
     rows = torch.arange(len(targets), device=targets.device)
     hidden_rows, hidden_cols = rows, targets  # the target is not one of the "other" items

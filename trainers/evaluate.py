@@ -15,6 +15,25 @@ from twotower.modules.metrics import metrics_per_user, target_ranks
 from twotower.trainers.checkpoints import consolidate_checkpoint
 
 
+def accelerator_device(accelerator: str, cuda_available: bool | None = None) -> torch.device:
+    """The one device that `trainer.accelerator` names for the single-device jobs (`evaluate`,
+    `export`): cpu -> cpu; gpu (or cuda) -> cuda; auto -> cuda when CUDA is available, else cpu.
+    A GPU asked for where there is none is an error, not a silent CPU run. `cuda_available`:
+    default `torch.cuda.is_available()`."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not cuda_available:
+            raise ValueError(f"trainer.accelerator={accelerator} asks for a GPU, but this machine has none that torch can use "
+                             f"(torch.cuda.is_available() is False); set trainer.accelerator=cpu (or auto)")
+        return torch.device("cuda")
+    raise ValueError(f"trainer.accelerator={accelerator}: expected cpu, gpu or auto")
+
+
 def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = None, new_items: bool = False) -> TwoTowerModule:
     """A trained module from a Lightning checkpoint (a file, or a DeepSpeed folder), wired to the
     catalogue of `data`. Its config is the checkpoint's own, or `cfg` with the checkpoint's
@@ -65,11 +84,15 @@ def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, float]:
     """Rank `split` with a checkpoint: the model's metrics (`{split}/...`) and the popularity
-    baseline's (`popularity/{split}/...`), which the command line prints side by side."""
+    baseline's (`popularity/{split}/...`), which the command line prints side by side. One device,
+    `cfg.trainer.accelerator`'s (`accelerator_device`), at `cfg.trainer.precision` (ranking itself
+    is float32 whatever the precision: `modules.metrics`)."""
+    device = accelerator_device(cfg.trainer.accelerator)  # before any work: a missing GPU fails here, clearly
     data = ShardDataModule(cfg)
     module = load_module(checkpoint, data)
     module.test_split = split
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=cfg.trainer.precision,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.test(module, dataloaders=data.eval_dataloader(split), verbose=False)[0]
     baseline = popularity_metrics(data, split)
     return {**metrics, **{f"popularity/{k}": v for k, v in baseline.items()}}

@@ -13,18 +13,25 @@ from twotower.datamodules.datamodule import ShardDataModule
 from twotower.modules.item_text import load_tokenizer
 from twotower.serving.export_format import Exported, write_exported
 from twotower.serving.item_index import build_index
-from twotower.trainers.evaluate import load_module
+from twotower.trainers.evaluate import accelerator_device, load_module
 
 log = logging.getLogger(__name__)
 
 
 def export(cfg: Config, checkpoint: str, out: str | Path, serving: ServingConfig) -> Path:
-    """Restore `checkpoint` on the catalogue of `cfg.data.dir`, encode every item and write the folder."""
+    """Restore `checkpoint` on the catalogue of `cfg.data.dir`, encode every item on the device of
+    `cfg.trainer.accelerator` (`accelerator_device`; in float32) and write the folder: the model
+    (the checkpoint's weights) and the vectors back on the CPU."""
+    device = accelerator_device(cfg.trainer.accelerator)  # before any work: a missing GPU fails here, clearly
     data = ShardDataModule(cfg)
     module = load_module(checkpoint, data)
     model, trained = module.model, module.cfg  # the checkpoint's own config describes its model
-    with torch.inference_mode():
-        vectors = model.catalogue_vectors(trained.eval.item_batch_size).float().contiguous()
+    try:
+        model.to(device)
+        with torch.inference_mode():
+            vectors = model.catalogue_vectors(trained.eval.item_batch_size).float().cpu().contiguous()
+    finally:
+        model.to("cpu")  # the same values: float32 copies both ways
     exported = Exported(
         cfg=trained, model=model, item_ids=list(data.catalogue.item_ids), texts=list(data.catalogue.texts),
         vectors=vectors, index=build_index(vectors.numpy(), serving),

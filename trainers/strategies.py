@@ -8,10 +8,12 @@ Lightning's refusal, so CPU tests exercise the very code that runs on GPUs: the 
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from torch.nn.parallel import DistributedDataParallel
 
 from twotower.configs.schema import TrainerConfig
 
@@ -55,6 +57,24 @@ def _on_cpu(t: TrainerConfig) -> bool:
     return t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword that stops it broadcasting every buffer from rank 0 before every forward.
+
+    By default DDP does that broadcast, for buffers that forward updates (BatchNorm's running
+    statistics). Ours are data, not state: the catalogue's token ids and lengths
+    (`item_tower.tokens` / `lengths`, [num_items, max_text_len]: ~256 MB at 1M items x 32 tokens),
+    `item_prob` and `eligible` (TwoTowerModule), and the encoder's constant `position_ids`. No
+    module updates a buffer in forward (no BatchNorm anywhere), and every rank builds these from
+    the same shards before training, so they are identical on all ranks by construction and the
+    broadcast would only copy them over themselves, every step.
+
+    torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers` (which still syncs buffers
+    once when DDP wraps the model, harmless here); older torch only has `broadcast_buffers`."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def build_strategy(t: TrainerConfig) -> Strategy | str:
     """`trainer.strategy` -> what `pl.Trainer(strategy=...)` takes."""
     if t.strategy == "auto":
@@ -62,7 +82,8 @@ def build_strategy(t: TrainerConfig) -> Strategy | str:
     if t.strategy == "ddp":
         # Every parameter is used in every step (the pooler is dropped in ItemTower), so DDP need
         # not search the graph for unused ones.
-        return DDPStrategy(process_group_backend=t.process_group_backend, find_unused_parameters=False)
+        return DDPStrategy(process_group_backend=t.process_group_backend, find_unused_parameters=False,
+                           **_no_forward_buffer_sync())
     on_cpu = _on_cpu(t)
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -75,14 +75,18 @@ def test_item_text_names_each_field_and_skips_empty_ones():
     assert item_texts([{"title": "Up", "year": 2009}, {"genres": ""}], ["title", "genres", "year"]) == ["title: Up; year: 2009", ""]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_mapped", [False, True])
 @pytest.mark.parametrize("train_layers", [0, 1])
-def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(tiny_bert, train_layers, memory_mapped, tmp_path):
+def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(tiny_bert, train_layers, memory_mapped, dtype, tmp_path):
+    """Also with bf16 weights, as DeepSpeed's bf16 casts every parameter: the cache is hashed and
+    written whatever the dtype (numpy has no bfloat16), and a bf16 state read back from the float32
+    file is exact, so cached and plain towers agree to the bit."""
     cfg = dict(encoder=tiny_bert, train_layers=train_layers, frozen_cache_dir=str(tmp_path) if memory_mapped else None)
     tokens, lengths = catalogue(load_tokenizer(tiny_bert), ["sailing boats", "a guide to jazz piano chords", "x y z"])
     torch.manual_seed(0)
-    cached = ItemTower(ItemTowerConfig(**cfg, cache_frozen=True), "text", 3, 8).eval()
-    plain = ItemTower(ItemTowerConfig(**cfg, cache_frozen=False), "text", 3, 8).eval()
+    cached = ItemTower(ItemTowerConfig(**cfg, cache_frozen=True), "text", 3, 8).eval().to(dtype)
+    plain = ItemTower(ItemTowerConfig(**cfg, cache_frozen=False), "text", 3, 8).eval().to(dtype)
     plain.load_state_dict(cached.state_dict())
     for tower in (cached, plain):
         tower.set_catalogue(tokens, lengths)
@@ -92,10 +96,15 @@ def test_frozen_layer_cache_gives_the_same_vectors_and_gradients_reach_the_top(t
     hidden = cached.encoder.config.hidden_size
     assert cached.frozen_cache.shape == ((3, hidden) if train_layers == 0 else (*tokens.shape, hidden))
     assert [p.suffix for p in tmp_path.iterdir()] == ([".npy"] if memory_mapped else [])
+    assert cached.frozen_cache.device.type == "cpu"  # in host memory, whatever the device
     items = torch.tensor([2, 0, 1])
     out = cached(items)
-    torch.testing.assert_close(out, plain(items), atol=1e-5, rtol=1e-5)
-    out.sum().backward()
+    assert out.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, plain(items))
+    else:
+        torch.testing.assert_close(out, plain(items), atol=1e-5, rtol=1e-5)
+    out.float().sum().backward()
     top = [p for n, p in cached.encoder.named_parameters() if n.startswith("encoder.layer.1.")]
     assert all((p.grad is not None) == (train_layers == 1) for p in top)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -135,7 +136,7 @@ def base(tiny_bert, tmp_path_factory) -> list[str]:
     return [f"model.item.encoder={tiny_bert}", "model.item.train_layers=-1", "model.dim=32",
             "data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.synthetic.mean_events=15",
             "data.max_text_len=16", "data.max_len=20", "data.batch_size=64", "data.shuffle_buffer=50",
-            "trainer.warmup_steps=2", "model.loss.num_negatives=32", f"data.dir={data}", *TWO_CPU,
+            "trainer.warmup_steps=2", "model.loss.num_negatives=32", f"data.dir={data}", *TWO_CPU, "trainer.log_every_n_steps=1",
             "model.item.bucket_items=64",  # two length buckets per step: each strategy sees the encoder called twice
             "data.synthetic.stray_fraction=0.2", "model.user.time_gaps=true", "model.user.actions=true"]  # and both features
 
@@ -171,6 +172,14 @@ def test_ddp_zero2_zero3_train_end_to_end_and_agree(full_runs):
         for key in ("test/ndcg@10", "test/hr@20", "best/val/ndcg@10"):
             assert summaries[name][key] == pytest.approx(summaries["ddp"][key], abs=2e-3), (name, key)
     assert summaries["ddp"]["steps"] == summaries["zero3"]["steps"] > 0
+    # The gradient norm: DDP reads the parameters' .grad, ZeRO (no .grad) DeepSpeed's global norm of
+    # its partitions; the same gradients give the same norm at every step.
+    norms = {name: pd.read_csv(run / "metrics.csv").dropna(subset=["train/grad_norm"]).set_index("step")["train/grad_norm"]
+             for name, run in full_runs.items()}
+    assert len(norms["ddp"]) == summaries["ddp"]["steps"]
+    for name in ("zero2", "zero3"):
+        assert norms[name].index.tolist() == norms["ddp"].index.tolist(), name
+        assert norms[name].to_numpy() == pytest.approx(norms["ddp"].to_numpy(), rel=1e-3), name
 
     zero3 = full_runs["zero3"] / "checkpoints" / "best.ckpt"
     assert (zero3 / "checkpoint").is_dir()
