@@ -240,7 +240,8 @@ class TwoTowerModule(pl.LightningModule):
         return target_ranks(users, table, target, history.items if ev.filter_seen else None, ev.score_chunk_size)
 
     def _start_ranking(self) -> None:
-        self._table = self.catalogue_table()
+        table = self.catalogue_table()
+        self._table = table.float() if table.dtype in (torch.bfloat16, torch.float16) else table  # ranks in float32, once
         self._sums: dict[str, torch.Tensor] = {}
         self._users = 0
 
