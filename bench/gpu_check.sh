@@ -26,7 +26,8 @@ n = torch.cuda.device_count() if torch.cuda.is_available() else 0
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), {n} GPU(s):', *(torch.cuda.get_device_name(i) for i in range(n)))
 sys.exit(0 if n else 'gpu_check: no CUDA GPU visible to torch (a CPU build of torch, or no driver): nothing to check')"
 
-run "$PY" -m pytest -q -m gpu -rs tests/gpu "$@"
+# --basetemp: the runs' folders (config, metrics.csv, checkpoints) stay there for a look after a failure.
+run "$PY" -m pytest -q -m gpu -rs --basetemp "$OUT/pytest" tests/gpu "$@"
 
 # The benchmark's default encoder is the packaged MiniLM; without that package, a random BERT of
 # MiniLM's shape (the tier's) times the same architecture (its NDCG@10 column then means nothing).

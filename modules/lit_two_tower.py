@@ -232,16 +232,20 @@ class TwoTowerModule(pl.LightningModule):
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
         return self.model.catalogue_vectors(self.cfg.eval.item_batch_size)
 
-    def target_ranks(self, history: Histories, target: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def target_ranks(self, history: Histories, target: torch.Tensor, table: torch.Tensor,
+                     score_table: torch.Tensor | None = None) -> torch.Tensor:
         """0-based rank of each user's target over the catalogue `table` by <user, item> (the same
-        order as model.scores, temperature > 0), the history filtered when eval.filter_seen."""
+        order as model.scores, temperature > 0), the history filtered when eval.filter_seen.
+        `score_table`: the same vectors as scored (float32 where `table` is bf16; default `table`)."""
         users = self.model.user_vectors(history.newest(self.cfg.data.max_len), table)
         ev = self.cfg.eval
-        return target_ranks(users, table, target, history.items if ev.filter_seen else None, ev.score_chunk_size)
+        items = table if score_table is None else score_table
+        return target_ranks(users, items, target, history.items if ev.filter_seen else None, ev.score_chunk_size)
 
     def _start_ranking(self) -> None:
-        table = self.catalogue_table()
-        self._table = table.float() if table.dtype in (torch.bfloat16, torch.float16) else table  # ranks in float32, once
+        self._table = self.catalogue_table()  # in the model's dtype: the user tower reads it
+        low = self._table.dtype in (torch.bfloat16, torch.float16)
+        self._score_table = self._table.float() if low else self._table  # scored in float32, cast once
         self._sums: dict[str, torch.Tensor] = {}
         self._users = 0
 
@@ -249,7 +253,7 @@ class TwoTowerModule(pl.LightningModule):
         """Rows with target -1 pad a rank's share of users so that every rank runs the same number
         of forward passes (ZeRO-3 gathers parameters collectively); they are not scored."""
         history, target = batch
-        ranks = self.target_ranks(history, target, self._table)[target >= 0]
+        ranks = self.target_ranks(history, target, self._table, self._score_table)[target >= 0]
         for name, values in metrics_per_user(ranks, self.cfg.eval.ks).items():
             self._sums[name] = self._sums.get(name, 0.0) + values.sum()
         self._users += len(ranks)
@@ -264,7 +268,7 @@ class TwoTowerModule(pl.LightningModule):
         # Every rank holds the same reduced values and logs them: ModelCheckpoint and EarlyStopping
         # run on every rank and must all see the monitored metric (the loggers write on rank 0 only).
         self.log_dict({f"{prefix}/{n}": totals[i].item() / count for i, n in enumerate(names)})
-        del self._table
+        del self._table, self._score_table
 
     def on_validation_epoch_start(self) -> None:
         self._start_ranking()

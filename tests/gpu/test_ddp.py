@@ -2,9 +2,7 @@
 ranks, and lands where one fp32 CPU process lands on the same data with the same global batch."""
 from __future__ import annotations
 
-import pandas as pd
-
-from .conftest import BATCH, DATA, GPU_TIER, ON_CPU, fit, metric_ok
+from .conftest import BATCH, DATA, GPU_TIER, ON_CPU, assert_learned, fit, metric_ok, train_losses
 
 pytestmark = GPU_TIER
 
@@ -14,7 +12,8 @@ training runs, not one computation done twice: bf16 autocast against fp32, and C
 draws other negatives and dropout masks than the CPU's, so the difference is sampling noise. On the
 CPU (id mode, these settings) three seeds gave 0.3875 / 0.3833 / 0.3835 (spread 0.004) and
 bf16-mixed moved seed 0 by 0.0001, so 0.05 is more than 10x the noise, while a broken run (a rank
-learning nothing, wrong gathered negatives, garbage ranking) falls towards popularity's 0.023."""
+learning nothing, wrong gathered negatives, garbage ranking) falls towards popularity's 0.023. (In
+text mode both runs stay near popularity: see `assert_learned`.)"""
 
 
 def test_ddp_over_nccl_on_every_gpu_with_bf16_matches_one_cpu_process(mode, hardware, tmp_path):
@@ -33,8 +32,8 @@ def test_ddp_over_nccl_on_every_gpu_with_bf16_matches_one_cpu_process(mode, hard
     assert gpu["steps"] == cpu["steps"] > 0
     on_gpu, on_cpu = metric_ok(gpu), metric_ok(cpu)
     assert abs(on_gpu - on_cpu) <= GPU_VS_CPU, (on_gpu, on_cpu)
-    assert on_gpu > 2 * gpu["popularity/test/ndcg@10"], gpu  # it learned (popularity: 0.023)
-    steps = pd.read_csv(tmp_path / "gpu" / "metrics.csv").dropna(subset=["train/loss"])
-    assert len(steps) > 0 and steps["train/loss"].map(lambda v: abs(v) < float("inf")).all()
+    steps = train_losses(tmp_path / "gpu")
+    by_epoch = steps.groupby("epoch")["train/loss"].mean()
+    assert_learned(mode, gpu, by_epoch.iloc[0], by_epoch.iloc[-1])
     if not ON_CPU:  # logged only where the module lives on a CUDA device
         assert (steps["train/peak_gpu_mem_mb"] > 0).all(), steps.columns.tolist()

@@ -17,15 +17,13 @@ from the same fp32 weights on the GPU, agree within `SAME_WEIGHTS`.
 """
 from __future__ import annotations
 
-import math
-
-import pandas as pd
 import pytest
 import torch
 
-from .conftest import BATCH, DATA, GPU_TIER, HARDWARE, ON_CPU, deepspeed_missing, fit, metric_ok, printed_metrics, run_ok
+from .conftest import (BATCH, DATA, GPU_TIER, HARDWARE, ON_CPU, assert_learned, fit, metric_ok, printed_metrics, run_ok,
+                       train_losses)
 
-pytestmark = [*GPU_TIER, pytest.mark.skipif(deepspeed_missing() is not None, reason=str(deepspeed_missing()))]
+pytestmark = [*GPU_TIER, pytest.mark.usefixtures("deepspeed_importable")]  # skips, with the reason, without DeepSpeed
 
 STRATEGIES = {
     "zero2_bf16": ["trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.precision=bf16-mixed"],
@@ -38,15 +36,11 @@ weights: only rounding of the printout and the order of float32 sums differ."""
 BF16_WEIGHTS = 0.01
 """summary.json (ranked with the bf16 copy of the weights) against evaluate (their fp32 masters):
 bf16 keeps 8 bits of mantissa, enough to swap near-tied items in some of the 2,000 users'
-rankings; a checkpoint that did not hold the trained weights would be off by ~0.3 (id mode:
-trained 0.38, popularity 0.023)."""
+rankings. Measured on the CPU (id mode, a ZeRO-2 checkpoint of these settings): the bf16 copy of
+its weights moved each metric by at most 5e-4 (hr@20; ndcg@10 by 3e-4); 0.01 is 20x that, while a
+checkpoint that did not hold the trained weights would be off by ~0.3 (trained 0.34-0.38,
+popularity 0.023). In fp32 (the same test with trainer.precision=32-true) all three agree exactly."""
 KEYS = ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20")
-
-
-def _losses(run) -> pd.Series:
-    losses = pd.read_csv(run / "metrics.csv")["train/loss"].dropna()
-    assert len(losses) > 0 and losses.map(math.isfinite).all(), losses.tolist()
-    return losses
 
 
 def _export_metrics(export, cfg, device: torch.device) -> dict[str, float]:
@@ -95,7 +89,7 @@ def test_zero_trains_consolidates_resumes_and_evaluates_and_exports_on_the_gpu(s
     first, _ = fit(run, *overrides, "trainer.max_epochs=1")
     assert first["epochs"] == 1 and first["steps"] > 0
     metric_ok(first)
-    assert len(_losses(run)) > 0
+    first_loss = train_losses(run)["train/loss"].mean()
     last = run / "checkpoints" / "last.ckpt"
     assert (last / "checkpoint").is_dir(), sorted(p.name for p in (run / "checkpoints").iterdir())
 
@@ -112,14 +106,20 @@ def test_zero_trains_consolidates_resumes_and_evaluates_and_exports_on_the_gpu(s
     second, resumed = fit(run, *overrides, "trainer.max_epochs=2", "trainer.resume=auto")
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stderr, resumed.stderr[-4000:]
     assert second["epochs"] == 2 and second["steps"] == 2 * first["steps"], (first, second)
-    assert metric_ok(second) > 2 * second["popularity/test/ndcg@10"], second  # it learned
-    _losses(run)
+    metric_ok(second)
+    steps = train_losses(run)  # (today a resumed run's metrics.csv holds only the steps it ran itself)
+    second_epoch = steps[steps["epoch"] == 1]["train/loss"]
+    assert len(second_epoch) > 0, steps["epoch"].unique()
+    assert_learned(mode, second, first_loss, second_epoch.mean())
 
     # evaluate and export of the best checkpoint, on the GPU.
     best = run / "checkpoints" / "best.ckpt"
     device = ["trainer.accelerator=cpu"] if ON_CPU else ["trainer.accelerator=gpu"]
-    evaluated = printed_metrics(run_ok("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(best), *device,
-                                       "trainer.precision=32-true", cwd=tmp_path).stdout, "model (test)")
+    evaluate = run_ok("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(best), *device,
+                      "trainer.precision=32-true", cwd=tmp_path)
+    if not ON_CPU:  # Lightning's own line about the Trainer that evaluate built
+        assert "GPU available: True (cuda), used: True" in evaluate.stdout + evaluate.stderr, evaluate.stderr[-3000:]
+    evaluated = printed_metrics(evaluate.stdout, "model (test)")
     export = tmp_path / "export"
     run_ok("export", "--checkpoint", str(best), "--out", str(export), *device, cwd=tmp_path)
     towers = load_file(export / "towers.safetensors")
