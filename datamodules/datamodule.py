@@ -39,6 +39,7 @@ from twotower.datamodules.shards import (
     ShardReader,
     check_manifest,
     fault_counts,
+    iter_all,
     read_all,
     read_fault_logs,
     shard_counts,
@@ -234,7 +235,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.expected = shard_counts(self.folder, self.manifest)
         self._check_features()
         self.catalogue = load_catalogue(self.folder, self.manifest)
-        self._cases: dict[str, list[dict]] = {}
+        self._cases: dict[tuple[str, int, int, int], tuple[list[dict], int]] = {}
 
     @property
     def num_items(self) -> int:
@@ -256,17 +257,35 @@ class ShardDataModule(pl.LightningDataModule):
                             "column to read them from), which model.user.actions=true needs; set model.user.actions=false")
 
     def cases(self, split: str) -> list[dict]:
-        if split not in self._cases:
+        """Every case of `split` (one process's view: the popularity baseline, tests, benchmarks)."""
+        return self.share(split)[0]
+
+    def share(self, split: str, rank: int = 0, world_size: int = 1, limit: int = 0) -> tuple[list[dict], int]:
+        """(rank's cases of `split`, how many cases the split holds): of the first `limit` cases
+        (0: all), those at positions rank, rank + W, ... Every case is read and checked, but only
+        the rank's share is kept, so a rank's memory for evaluation is 1/W of the split's."""
+        key = (split, rank, world_size, limit)
+        if key not in self._cases:
             reader = split_reader(split, self.faults, self.expected, self.num_items)
-            self._cases[split] = read_all(self.urls[split], reader)
-        return self._cases[split]
+            mine, total = [], 0
+            for position, case in enumerate(iter_all(self.urls[split], reader)):
+                if limit and position >= limit:
+                    continue  # read on: a damaged case past the limit still counts as a fault
+                total += 1
+                if position % world_size == rank:
+                    mine.append(case)
+            self._cases[key] = (mine, total)
+        return self._cases[key]
+
+    def _limit(self, split: str) -> int:
+        return self.cfg.trainer.limit_val_users if split in ("valid", "valid_window") else 0
 
     def setup(self, stage: str) -> None:
         """Before training (every rank), read the evaluation splits the run will use: a damaged
         one then stops it (data.on_error=raise) before the first step, not after the last."""
         if stage == "fit":
             for split in {"valid_window" if self.window else "valid", self.test_split, "cold"} & set(self.urls):
-                self.cases(split)
+                self.share(split, *self._rank(), self._limit(split))
 
     def all_faults(self) -> list[Fault]:
         """Every fault skipped so far (data.on_error=skip), once each: those of the shard check and
@@ -336,15 +355,13 @@ class ShardDataModule(pl.LightningDataModule):
     def eval_dataloader(self, split: str, limit: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Users of `split` (the first `limit`, 0: all); rank r of W gets users r, r+W, ... padded
         so that every rank has ceil(n / W) of them (see `EvalCases`)."""
-        cases = self.cases(split)
-        cases = cases[:limit] if limit else cases
-        mine = cases[rank::world_size]
-        dataset = EvalCases(mine, padding=math.ceil(len(cases) / world_size) - len(mine))
+        mine, total = self.share(split, rank, world_size, limit)
+        dataset = EvalCases(mine, padding=math.ceil(total / world_size) - len(mine))
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, collate_fn=dataset.collate)
 
     def val_dataloader(self) -> DataLoader:
         split = "valid_window" if self.window else "valid"
-        return self.eval_dataloader(split, self.cfg.trainer.limit_val_users, *self._rank())
+        return self.eval_dataloader(split, self._limit(split), *self._rank())
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_dataloader(self.test_split, 0, *self._rank())

@@ -226,12 +226,17 @@ class ShardReader:
         return sample
 
 
-def read_all(urls: list[str], reader: ShardReader | None = None) -> list[dict]:
+def iter_all(urls: list[str], reader: ShardReader | None = None) -> Iterator[dict]:
     """Every sample of these shards, decoded, in file order, on every rank (no node or worker
     splitting, unlike `wds.WebDataset`'s defaults once torch.distributed is up). Faults raise a
     `ShardError` naming file and member, or are skipped as `reader.faults` says."""
     reader = reader or ShardReader(_split_of(urls[0]) if urls else "?", Faults("raise"))
-    return list(wds.DataPipeline(wds.SimpleShardList(urls), *reader.stages())) if urls else []
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), *reader.stages())) if urls else iter(())
+
+
+def read_all(urls: list[str], reader: ShardReader | None = None) -> list[dict]:
+    """`iter_all` as a list."""
+    return list(iter_all(urls, reader))
 
 
 # ---- the shards of a prepared folder ---------------------------------------------------------

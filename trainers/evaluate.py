@@ -66,20 +66,28 @@ def load_module(checkpoint: str, data: ShardDataModule, cfg: Config | None = Non
     return module.eval()
 
 
-def popularity_ranks(data: ShardDataModule, split: str) -> torch.Tensor:
-    """0-based rank of each `split` user's target when every user gets the same ranking: items by
-    training popularity (the history filtered when eval.filter_seen)."""
+def popularity_ranks(data: ShardDataModule, split: str, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """0-based rank of each `split` user's target (of this rank's share) when every user gets the
+    same ranking: items by training popularity (the history filtered when eval.filter_seen)."""
     ev = data.cfg.eval
     counts = data.catalogue.train_counts.double()[:, None]  # score <1, count>: exact in float64
     ranks = [target_ranks(counts.new_ones(len(target), 1), counts, target, history.items if ev.filter_seen else None,
-                          ev.score_chunk_size) for history, target in data.eval_dataloader(split)]
+                          ev.score_chunk_size)[target >= 0]  # target -1: padding of a rank's share
+             for history, target in data.eval_dataloader(split, 0, rank, world_size)]
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
-def popularity_metrics(data: ShardDataModule, split: str) -> dict[str, float]:
-    """The popularity baseline's metrics, averaged over the users of `split`."""
-    per_user = metrics_per_user(popularity_ranks(data, split), data.cfg.eval.ks)
-    return {f"{split}/{k}": v.mean().item() if len(v) else 0.0 for k, v in per_user.items()}
+def popularity_metrics(data: ShardDataModule, split: str, trainer: pl.Trainer | None = None) -> dict[str, float]:
+    """The popularity baseline's metrics, averaged over the users of `split`. With a distributed
+    `trainer`, each rank ranks its own share of the users and the sums are reduced over ranks."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    per_user = metrics_per_user(popularity_ranks(data, split, rank, world), data.cfg.eval.ks)
+    names = sorted(per_user)
+    sums = torch.tensor([per_user[n].sum().item() for n in names] + [float(len(per_user[names[0]]))], dtype=torch.float64)
+    if world > 1:
+        sums = trainer.strategy.reduce(sums.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    count = sums[-1].item()
+    return {f"{split}/{n}": sums[i].item() / count if count else 0.0 for i, n in enumerate(names)}
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str) -> dict[str, float]:

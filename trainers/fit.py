@@ -90,7 +90,7 @@ def fit(cfg: Config) -> dict[str, float]:
             continue
         module.test_split = data.test_split = split
         model_metrics = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]
-        baseline = popularity_metrics(data, split)
+        baseline = popularity_metrics(data, split, trainer)
         summary.update(model_metrics)
         summary.update({f"popularity/{k}": v for k, v in baseline.items()})
     summary["wall_s"] = time.time() - started

@@ -70,7 +70,7 @@ def update(cfg: Config, checkpoint: str, out: str | Path | None = None, export_t
     for name, metrics in (("stale", stale), ("updated", updated)):
         for split_metrics in metrics.values():
             summary.update({f"{name}/{k}": v for k, v in split_metrics.items()})
-    baseline = popularity_metrics(data, "test_window")
+    baseline = popularity_metrics(data, "test_window", trainer)
     summary.update({f"popularity/{k}": v for k, v in baseline.items()})
     summary.update(wall_s=time.time() - started, epochs=trainer.current_epoch, steps=trainer.global_step)
 
