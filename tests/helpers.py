@@ -22,6 +22,15 @@ def twotower(*args: str, cwd: Path, timeout: float = 600, threads: int | None = 
                           timeout=timeout, env=env)
 
 
+def printed_metrics(stdout: str, label: str) -> dict[str, float]:
+    """The row `label` of the metrics table the command line prints: {"hr@10": ..., ...} (4 decimals)."""
+    lines = stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| ") and "NDCG@10" in line)
+    row = next(line for line in lines if line.startswith(f"| {label}"))
+    names = [cell.strip().lower() for cell in header.split("|")[2:-1]]
+    return dict(zip(names, (float(cell) for cell in row.split("|")[2:-1])))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -208,10 +208,3 @@ def assert_learned(mode: list[str], summary: dict, first_epoch_loss: float, last
         assert last_epoch_loss < first_epoch_loss, (first_epoch_loss, last_epoch_loss)
 
 
-def printed_metrics(stdout: str, label: str) -> dict[str, float]:
-    """The row `label` of the metrics table the command line prints: {"hr@10": ..., ...} (4 decimals)."""
-    lines = stdout.splitlines()
-    header = next(line for line in lines if line.startswith("| ") and "NDCG@10" in line)
-    row = next(line for line in lines if line.startswith(f"| {label}"))
-    names = [cell.strip().lower() for cell in header.split("|")[2:-1]]
-    return dict(zip(names, (float(cell) for cell in row.split("|")[2:-1])))

@@ -20,7 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import (BATCH, DATA, GPU_TIER, HARDWARE, ON_CPU, assert_learned, fit, metric_ok, printed_metrics, run_ok,
+from helpers import printed_metrics
+
+from .conftest import (BATCH, DATA, GPU_TIER, HARDWARE, ON_CPU, assert_learned, fit, metric_ok, run_ok,
                        train_losses)
 
 pytestmark = [*GPU_TIER, pytest.mark.usefixtures("deepspeed_importable")]  # skips, with the reason, without DeepSpeed

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny
-from helpers import twotower
+from helpers import printed_metrics, twotower
 
 from twotower.configs import load_config
 from twotower.datamodules.datamodule import ShardDataModule
@@ -55,14 +55,6 @@ def _one_clear_line(result) -> str:
     return errors[0]
 
 
-def _printed_metrics(stdout: str, label: str) -> dict[str, float]:
-    lines = stdout.splitlines()
-    header = next(line for line in lines if line.startswith("| ") and "NDCG@10" in line)
-    row = next(line for line in lines if line.startswith(f"| {label}"))
-    names = [cell.strip().lower() for cell in header.split("|")[2:-1]]
-    return dict(zip(names, (float(cell) for cell in row.split("|")[2:-1])))
-
-
 @ON_CPU_ONLY
 @pytest.mark.slow
 def test_a_gpu_asked_for_without_one_fails_with_one_clear_line(run):
@@ -84,7 +76,7 @@ def test_evaluate_on_the_cpu_reproduces_the_runs_metrics(run):
                       "trainer.accelerator=cpu", cwd=run.parent)
     assert on_cpu.returncode == 0, on_cpu.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    printed = _printed_metrics(on_cpu.stdout, "model (test)")
+    printed = printed_metrics(on_cpu.stdout, "model (test)")
     assert len(printed) == 6
     for name, value in printed.items():
         assert value == pytest.approx(summary[f"test/{name}"], abs=5e-5), name

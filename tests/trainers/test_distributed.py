@@ -18,69 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from twotower.modules.losses import cross_rank_softmax_loss, softmax_loss
-
+from cross_rank_case import reference, worker
 from helpers import free_port, twotower
 from shard_files import write_train_shards
 
 ROOT = Path(__file__).resolve().parents[2]
-NUM_ITEMS, DIM, TEMPERATURE, NUM_UNIFORM, NUM_ELIGIBLE = 12, 5, 0.7, 3, 12
-
-
-def rank_batch(rank: int) -> dict:
-    """Rank-specific candidates (distinct, sorted, overlapping the other rank's), targets among
-    them, and query features; sizes differ across ranks on purpose."""
-    g = torch.Generator().manual_seed(100 + rank)
-    ids = torch.sort(torch.randperm(NUM_ITEMS, generator=g)[: 5 + 2 * rank]).values
-    labels = torch.randint(len(ids), (3 + rank,), generator=g)
-    features = torch.randn(len(labels), DIM, generator=g, dtype=torch.float64)
-    return {"ids": ids, "labels": labels, "features": features, "occurrences": 4 + rank}
-
-
-def parameters() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    table = torch.randn(NUM_ITEMS, DIM, generator=g, dtype=torch.float64)  # item embeddings
-    proj = torch.randn(DIM, DIM, generator=g, dtype=torch.float64)  # user projection
-    prob = torch.rand(NUM_ITEMS, generator=g, dtype=torch.float64)
-    return table.requires_grad_(), proj.requires_grad_(), prob / prob.sum()
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    table, proj, prob = parameters()
-    b = rank_batch(rank)
-    loss = cross_rank_softmax_loss(b["features"] @ proj, table[b["ids"]], b["labels"], b["ids"], TEMPERATURE,
-                                   prob, b["occurrences"], NUM_UNIFORM, NUM_ELIGIBLE)
-    loss.backward()
-    grads = [table.grad, proj.grad]
-    for grad in grads:  # what DDP / DeepSpeed do: average the gradients over ranks
-        dist.all_reduce(grad)
-        grad /= world
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    torch.save({"loss": mean_loss / world, "table": grads[0], "proj": grads[1]}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def reference() -> dict:
-    """One process, float64: queries of both ranks, candidates = the union of their items."""
-    table, proj, prob = parameters()
-    batches = [rank_batch(r) for r in range(2)]
-    union = torch.unique(torch.cat([b["ids"] for b in batches]))
-    queries = torch.cat([b["features"] for b in batches]) @ proj
-    targets = torch.cat([b["ids"][b["labels"]] for b in batches])
-    occurrences = sum(b["occurrences"] for b in batches)
-    log_q = torch.log(occurrences * prob[union] + 2 * NUM_UNIFORM / NUM_ELIGIBLE)
-    loss = softmax_loss(queries, table[union], torch.searchsorted(union, targets), TEMPERATURE, log_q)
-    loss.backward()
-    return {"loss": loss.detach(), "table": table.grad, "proj": proj.grad}
-
-
 def test_two_rank_gathered_loss_equals_one_process_on_the_concatenated_batch(tmp_path):
-    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     expected = reference()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
