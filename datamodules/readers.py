@@ -15,6 +15,7 @@ are epoch numbers or ISO-8601 dates (a date without a zone is UTC).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import re
 from collections import Counter
@@ -90,22 +91,58 @@ class _BadRows:
                 raise self.error(f"column '{column}' ({key}) not found; columns are: {have}")
 
 
+def input_files(spec: str | Path) -> list[Path]:
+    """The files `data.interactions` / `data.items` name: a file; a folder (every file of a known
+    type below it, e.g. a partitioned Parquet data set `day=.../part-0.parquet`); or a glob
+    (`logs/*.jsonl`). Sorted by path: the input order that breaks timestamp ties (docs/data.md)."""
+    spec = str(spec)
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{spec}: no file matches this pattern")
+        return files
+    path = Path(spec)
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS and not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"{path}: a folder without any {', '.join(FORMATS)} file")
+    return files
+
+
 def read_interactions(
     path: str | Path, columns: ColumnsConfig, on_bad_row: str = "raise"
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Interactions as `user_id`, `item_id` (str), `timestamp` (float64 epoch seconds), `rating`
-    (float64) and `event` (str) when configured and present, and `line`; plus the skipped-row counts."""
-    rows = _BadRows(path, on_bad_row)
-    return _interactions(_read_table(rows), columns, rows), dict(rows.counts)
+    (float64) and `event` (str) when configured and present, `line`, and `file` (the position of
+    the row's file in `input_files(path)`); plus the skipped-row counts."""
+    files = input_files(path)
+    frames, counts = [], Counter()
+    for number, file in enumerate(files):
+        rows = _BadRows(file, on_bad_row)
+        frames.append(_interactions(_read_table(rows), columns, rows).assign(file=np.int32(number)))
+        counts += rows.counts
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], dict(counts)
 
 
 def read_items(
     path: str | Path, id_column: str, text_fields: list[str], on_bad_row: str = "raise"
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The catalogue as `item_id` plus each of `text_fields` (str, missing -> ""), and `line`;
-    plus the skipped-row counts."""
-    rows = _BadRows(path, on_bad_row)
-    return _items(_read_table(rows), id_column, text_fields, rows), dict(rows.counts)
+    plus the skipped-row counts. An id given by two files is a duplicate of the first one."""
+    files = input_files(path)
+    frames, counts = [], Counter()
+    for file in files:
+        rows = _BadRows(file, on_bad_row)
+        frame = _items(_read_table(rows), id_column, text_fields, rows)
+        if frames:
+            seen = pd.concat([f["item_id"] for f in frames])
+            repeated = frame["item_id"].isin(seen).to_numpy()
+            frame = rows.drop(frame.set_index(frame["line"].to_numpy()), repeated, "duplicate_item_id",
+                              lambda row: f"duplicate item id {_show(row['item_id'])} (already in an earlier file of {path})").reset_index(drop=True)
+        frames.append(frame)
+        counts += rows.counts
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], dict(counts)
 
 
 def read_movielens(folder: str | Path, on_bad_row: str = "raise") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
@@ -150,19 +187,24 @@ def check_consistency(
     items_path: str | Path,
     on_bad_row: str = "raise",
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Interactions whose item is in the catalogue (unknown items raise, or are skipped and counted)."""
+    """Interactions whose item is in the catalogue (unknown items raise, or are skipped and counted,
+    naming the row's own file where the interactions came from several)."""
     if len(items) == 0:
         raise DataError(f"{items_path}: empty catalogue (no items)")
-    rows = _BadRows(interactions_path, on_bad_row)
-    frame = interactions.set_index(interactions["line"].to_numpy())
-    frame = rows.drop(
-        frame,
-        ~frame["item_id"].isin(items["item_id"]),
-        "unknown_item",
-        lambda row: f"unknown item id {_show(row['item_id'])} (not in the catalogue {items_path})",
-    )
-    rows.require_rows(frame, f"no interaction has an item of the catalogue {items_path}")
-    return frame.reset_index(drop=True), dict(rows.counts)
+    files = input_files(interactions_path) if "file" in interactions.columns else [interactions_path]
+    unknown = ~interactions["item_id"].isin(items["item_id"]).to_numpy()
+    counts: Counter[str] = Counter()
+    if unknown.any():
+        first_file = int(interactions["file"].iat[int(unknown.argmax())]) if "file" in interactions.columns else 0
+        rows = _BadRows(files[first_file], on_bad_row)
+        frame = interactions.set_index(interactions["line"].to_numpy())
+        frame = rows.drop(frame, unknown, "unknown_item",
+                          lambda row: f"unknown item id {_show(row['item_id'])} (not in the catalogue {items_path})")
+        interactions, counts = frame.reset_index(drop=True), rows.counts
+    if len(interactions) == 0:
+        raise DataError(f"{interactions_path}: no interaction has an item of the catalogue {items_path}"
+                        + (f" (every row was bad and skipped: unknown_item: {counts['unknown_item']})" if counts else ""))
+    return interactions, dict(counts)
 
 
 def _interactions(raw: pd.DataFrame, columns: ColumnsConfig, rows: _BadRows) -> pd.DataFrame:

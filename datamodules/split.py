@@ -10,6 +10,7 @@ optional features)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -69,48 +70,94 @@ class Split:
     dropped_users: int
 
 
-def leave_one_out(interactions: pd.DataFrame, item_index: pd.Series, cfg: SplitConfig) -> Split:
-    """`interactions` (user_id, item_id, timestamp, optional action codes in `action`; file order)
-    -> Split over item indices given by `item_index` (item id -> contiguous index)."""
-    num_items = len(item_index)
-    frame = pd.DataFrame({
+@dataclass
+class UserSplit:
+    """One user's share of the split (`split_user`)."""
+
+    user_id: str
+    train: TrainSequence | None
+    valid: EvalCase | None
+    test: EvalCase | None
+    cold: EvalCase | None
+    "The first held-out item the user touched, given the warm items before it (None: none, or it came first)."
+
+    @property
+    def dropped(self) -> bool:
+        return self.train is None
+
+
+def choose_cold_items(interacted: np.ndarray, num_items: int, cfg: SplitConfig) -> np.ndarray:
+    """[num_items] bool: `cfg.cold_item_fraction` of the `interacted` item indices (sorted, distinct),
+    drawn with `cfg.seed`: the items held out of training. The same on every engine."""
+    rng = np.random.default_rng(cfg.seed)
+    cold_items = np.zeros(num_items, dtype=bool)
+    cold_items[rng.choice(interacted, size=round(cfg.cold_item_fraction * len(interacted)), replace=False)] = True
+    return cold_items
+
+
+def split_user(user: str, events: Events, cold_items: np.ndarray, cfg: SplitConfig) -> UserSplit:
+    """The protocol for one user's `events` (in time order, ties in input order)."""
+    if len(events) < cfg.min_interactions:
+        return UserSplit(user, None, None, None, None)
+    is_cold = cold_items[events.items]
+    warm = events[~is_cold]
+    cold = None
+    if is_cold.any():
+        first = int(np.argmax(is_cold))
+        if first > 0:
+            cold = EvalCase(user, events[:first], int(events.items[first]), float(events.times[first]))
+    if len(warm) < cfg.min_interactions:
+        return UserSplit(user, None, None, None, cold)
+    return UserSplit(user, TrainSequence(user, warm[:-2]),
+                     EvalCase(user, warm[:-2], int(warm.items[-2]), float(warm.times[-2])),
+                     EvalCase(user, warm[:-1], int(warm.items[-1]), float(warm.times[-1])), cold)
+
+
+def user_events(frame: pd.DataFrame) -> Iterator[tuple[str, Events]]:
+    """(user, events) of a frame of `user`, `item` (index), `time`, `action` columns already in
+    input order: each user's events sorted by time, ties kept in input order."""
+    frame = frame.sort_values(["user", "time"], kind="stable")
+    users = frame["user"].to_numpy()
+    items = frame["item"].to_numpy()
+    times = frame["time"].to_numpy(dtype=np.float64)
+    actions = frame["action"].to_numpy().astype(np.int16)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=int)
+    ends = np.r_[starts[1:], len(users)]
+    for start, end in tqdm(zip(starts, ends), total=len(starts), desc="split", unit="user", disable=len(starts) < 100_000):
+        yield str(users[start]), Events(items[start:end], times[start:end], actions[start:end])
+
+
+def indexed(interactions: pd.DataFrame, item_index: pd.Series) -> pd.DataFrame:
+    """`interactions` (user_id, item_id, timestamp, optional action codes in `action`) as the
+    `user`, `item`, `time`, `action` frame `user_events` reads."""
+    return pd.DataFrame({
         "user": interactions["user_id"].to_numpy(),
         "item": item_index.loc[interactions["item_id"]].to_numpy(),
         "time": interactions["timestamp"].to_numpy(dtype=np.float64),
         "action": interactions["action"].to_numpy() if "action" in interactions else np.zeros(len(interactions), np.int16),
-    }).sort_values(["user", "time"], kind="stable")
+    })
 
-    interacted = np.unique(frame["item"].to_numpy())
-    rng = np.random.default_rng(cfg.seed)
-    cold_items = np.zeros(num_items, dtype=bool)
-    cold_items[rng.choice(interacted, size=round(cfg.cold_item_fraction * len(interacted)), replace=False)] = True
 
-    users = frame["user"].to_numpy()
-    items = frame["item"].to_numpy()
-    times = frame["time"].to_numpy()
-    actions = frame["action"].to_numpy().astype(np.int16)
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-
+def leave_one_out(interactions: pd.DataFrame, item_index: pd.Series, cfg: SplitConfig,
+                  cold_items: np.ndarray | None = None) -> Split:
+    """`interactions` (user_id, item_id, timestamp, optional action codes in `action`; input order)
+    -> Split over item indices given by `item_index` (item id -> contiguous index). `cold_items`:
+    the held-out items decided before (an append keeps them); None: drawn by `choose_cold_items`."""
+    num_items = len(item_index)
+    frame = indexed(interactions, item_index)
+    if cold_items is None:
+        cold_items = choose_cold_items(np.unique(frame["item"].to_numpy()), num_items, cfg)
     train, valid, test, cold = [], [], [], []
     dropped = 0
-    for start, end in tqdm(zip(starts, ends), total=len(starts), desc="split", unit="user", disable=len(starts) < 100_000):
-        user, events = str(users[start]), Events(items[start:end], times[start:end], actions[start:end])
-        if len(events) < cfg.min_interactions:
+    for user, events in user_events(frame):
+        part = split_user(user, events, cold_items, cfg)
+        if part.cold is not None:
+            cold.append(part.cold)
+        if part.dropped:
             dropped += 1
             continue
-        is_cold = cold_items[events.items]
-        warm = events[~is_cold]
-        if is_cold.any():
-            first = int(np.argmax(is_cold))
-            if first > 0:
-                cold.append(EvalCase(user, events[:first], int(events.items[first]), float(events.times[first])))
-        if len(warm) < cfg.min_interactions:
-            dropped += 1
-            continue
-        train.append(TrainSequence(user, warm[:-2]))
-        valid.append(EvalCase(user, warm[:-2], int(warm.items[-2]), float(warm.times[-2])))
-        test.append(EvalCase(user, warm[:-1], int(warm.items[-1]), float(warm.times[-1])))
-
+        train.append(part.train)
+        valid.append(part.valid)
+        test.append(part.test)
     train_counts = np.bincount(np.concatenate([s.events.items for s in train]) if train else np.zeros(0, int), minlength=num_items)
     return Split(train, valid, test, cold, cold_items, train_counts, dropped)

@@ -63,7 +63,7 @@ def items(tmp_path: Path, content: str | bytes, name: str = "items.csv", **kwarg
 def test_every_format_reads_the_same_frame(tmp_path, name):
     frame, counts = read_interactions(write_table(tmp_path, name, ROWS), ColumnsConfig())
     assert counts == {}
-    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "rating", "event", "line"]
+    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "rating", "event", "line", "file"]
     assert frame["user_id"].tolist() == ["u2", "u1", "u1"]  # file order, not sorted
     assert frame["item_id"].tolist() == ["007", "12", "007"]  # ids kept as written
     assert frame["timestamp"].tolist() == [30.0, 10.0, 20.0]
@@ -80,13 +80,13 @@ def test_custom_column_names_and_optional_columns(tmp_path):
     path = write(tmp_path, "log.csv", "who,what,when,stars,event\nA,x,5,2,view\nB,y,6,3,view\n")
     columns = ColumnsConfig(user_id="who", item_id="what", timestamp="when", rating="stars", event=None)
     frame, _ = read_interactions(path, columns)
-    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "rating", "line"]  # event not configured
+    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "rating", "line", "file"]  # event not configured
     assert frame["user_id"].tolist() == ["A", "B"] and frame["rating"].tolist() == [2.0, 3.0]
 
 
 def test_absent_optional_columns_are_fine(tmp_path):
     frame, _ = interactions(tmp_path, "user_id,item_id,timestamp\n1,2,3\n")
-    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "line"]
+    assert list(frame.columns) == ["user_id", "item_id", "timestamp", "line", "file"]
 
 
 def test_iso_timestamps_become_epoch_seconds(tmp_path):
