@@ -118,6 +118,8 @@ class DataConfig:
     "Keep only interactions before this time (epoch seconds; null: no bound)."
     dir: str = "data/${data.name}"
     "Folder of the prepared shards and manifest.json."
+    shards_url: Optional[str] = None
+    "Read the prepared shards from this URL instead of data.dir (s3://bucket/prefix, http(s)://host/prefix, gs://bucket/prefix, file:///abs/path; null: data.dir). It is the base of a shard set that `twotower prepare` wrote (the folder with manifest.json and the split folders); the manifest, training, evaluation and item shards are all read from there through fsspec (s3 needs s3fs, installed with twotower[train]; gs needs gcsfs). S3 endpoint and credentials come from the usual variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...) or fsspec's FSSPEC_S3_* options. fit then prepares nothing and no local data.dir is needed: upload the set with `aws s3 sync` or the like (docs/data.md, Shards on object storage)."
     max_text_len: int = 32
     "Item text is tokenised and truncated to this many tokens at prepare time."
     shard_max_count: int = 10000

@@ -30,19 +30,24 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower.configs.schema import Config
-from twotower.datamodules.prepare import read_manifest
+from twotower.datamodules.prepare import MANIFEST, read_manifest
 from twotower.datamodules.readers import DataError
 from twotower.datamodules.shards import (
     Fault,
     Faults,
+    Location,
     ShardError,
     ShardReader,
     check_manifest,
     fault_counts,
+    is_remote,
     iter_all,
+    member_url,
     read_all,
     read_fault_logs,
+    read_json_url,
     shard_counts,
+    shard_location,
     split_reader,
 )
 from twotower.modules.histories import Histories, pad_histories, pad_left, time_gap_codes
@@ -65,16 +70,16 @@ class Catalogue:
         return len(self.item_ids)
 
 
-def load_catalogue(folder: Path, manifest: dict) -> Catalogue:
+def load_catalogue(folder: Location, manifest: dict) -> Catalogue:
     """Every item, in index order. Item shards are never skipped: any fault is an error."""
-    samples = read_all([str(folder / s) for s in manifest["shards"]["items"]],
+    samples = read_all([member_url(folder, s) for s in manifest["shards"]["items"]],
                        split_reader("items", Faults("raise"), shard_counts(folder, manifest)))
     samples.sort(key=lambda s: s["json"]["index"])
     indices, n = [s["json"]["index"] for s in samples], manifest["counts"]["items"]
     if indices != list(range(n)):
         gap = next((i for i in range(n) if i >= len(indices) or indices[i] != i), len(indices))
         problem = (f"item index {gap} is in no item shard" if gap < n else f"the item shards hold {len(indices)} items")
-        raise ShardError(Fault("items", str(folder / "manifest.json"), "counts.items", "manifest",
+        raise ShardError(Fault("items", member_url(folder, "manifest.json"), "counts.items", "manifest",
                                f"{n} items, but {problem} (an item cannot be skipped)", None))
     lengths = torch.tensor([len(s["tokens.npy"]) for s in samples], dtype=torch.long)
     tokens = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
@@ -221,11 +226,11 @@ class ShardDataModule(pl.LightningDataModule):
         """`fault_log`: the folder where the training streams of every rank and worker log the
         faults they skip (`all_faults` adds them up); None: this process's own only."""
         super().__init__()
-        self.cfg, self.folder, self.test_split, self.window = cfg, Path(cfg.data.dir), test_split, window
+        self.cfg, self.test_split, self.window = cfg, test_split, window
+        self.folder = shard_location(cfg.data.dir, cfg.data.shards_url)
+        "The prepared shard set: data.dir, or data.shards_url (a URL, as a str, read through fsspec)."
         self.fault_log, self._train_faults = fault_log, None
-        self.manifest = read_manifest(self.folder)
-        if self.manifest is None:
-            raise DataError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config (-c, data.*) first")
+        self.manifest = self._read_manifest()
         if window and "window" not in self.manifest:
             raise ValueError(f"{self.folder}: no appended data to update on; add it with `twotower prepare --append` "
                              "(e.g. data.since=<start of the new window>) first")
@@ -236,6 +241,19 @@ class ShardDataModule(pl.LightningDataModule):
         self._check_features()
         self.catalogue = load_catalogue(self.folder, self.manifest)
         self._cases: dict[tuple[str, int, int, int], tuple[list[dict], int]] = {}
+
+    def _read_manifest(self) -> dict:
+        """manifest.json of the shard set, local or remote (the same file either way)."""
+        if not is_remote(self.folder):
+            manifest = read_manifest(self.folder)
+            if manifest is None:
+                raise DataError(f"{self.folder}/manifest.json not found: run `twotower prepare` with the same data config (-c, data.*) first")
+            return manifest
+        manifest = read_json_url(member_url(self.folder, MANIFEST))
+        if manifest is None:
+            raise DataError(f"{member_url(self.folder, MANIFEST)} not found (data.shards_url): upload a shard set that "
+                            "`twotower prepare` wrote there first (docs/data.md, Shards on object storage)")
+        return manifest
 
     @property
     def num_items(self) -> int:

@@ -6,7 +6,12 @@ off (a truncated tar; a damaged header, after which `tarfile` stops silently), o
 than the manifest's number of samples, a sample lacking a member, a member that does not decode
 (`webdataset.decode`'s `DecodingError` carries the member) or decodes to nonsense. `Faults` is the
 policy as a WebDataset handler: `raise` turns the fault into a `ShardError`; `skip` records it once
-(with the samples it cost), logs it, and reading goes on."""
+(with the samples it cost), logs it, and reading goes on.
+
+A prepared shard set is read from a local folder (`data.dir`) or from a URL (`data.shards_url`:
+s3://, gs://, http(s)://, ... through fsspec). A URL's shards are opened by fsspec in place of
+WebDataset's `url_opener` and go through the same tar reader, so every fault reads as a local
+one does, with the shard's full URL as its name."""
 from __future__ import annotations
 
 import functools
@@ -16,10 +21,14 @@ import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import fsspec
 import numpy as np
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from twotower.datamodules.readers import DataError
 
@@ -154,6 +163,82 @@ def _split_of(url: str | None) -> str:
     return Path(str(url)).parent.name if url else "?"
 
 
+# ---- where a shard set is: a local folder or a URL -------------------------------------------
+Location = Path | str
+"A prepared shard set: a local folder (`Path`), or the base URL (`str`) of one on a remote store."
+
+
+def shard_location(data_dir: str, shards_url: str | None) -> Location:
+    """Where `data.*` says the prepared shards are: `data.shards_url` when set, else `data.dir`.
+    A `file://` URL or a plain path is a local folder, read as `data.dir` is (plain `open`, the
+    same paths in every message); any other URL stays a string and is read through fsspec."""
+    if shards_url is None:
+        return Path(data_dir)
+    parsed = urlparse(shards_url)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return shards_url.rstrip("/") if "://" in shards_url else Path(shards_url)
+
+
+def is_remote(where: Location) -> bool:
+    return isinstance(where, str)
+
+
+def member_url(where: Location, name: str) -> str:
+    """The path (local) or URL (remote) of `name` (`train/train-000000.tar`, `manifest.json`) in a
+    shard set: what messages and faults name, and the key of `shard_counts`."""
+    return f"{where}/{name}" if isinstance(where, str) else str(where / name)
+
+
+def remote_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem of `url` and the path in it (options from the environment: for s3,
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or FSSPEC_S3_*). A scheme fsspec does not know, or
+    whose package is not installed (s3fs, gcsfs), is a `DataError` naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exn:
+        raise DataError(f"{url} (data.shards_url): cannot be read through fsspec ({type(exn).__name__}: {exn})") from exn
+
+
+def read_json_url(url: str) -> dict | None:
+    """A remote JSON file (manifest.json); None where there is none. Any other failure (no such
+    bucket, no permission, no connection) is a `DataError` naming the URL."""
+    fs, path = remote_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except Exception as exn:
+        raise DataError(f"{url}: cannot be read ({type(exn).__name__}: {exn})") from exn
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A remote shard opened for one sequential pass. Over HTTP that is one streamed GET
+    (`block_size=0`): plain servers ignore range requests, which fsspec's default HTTP file
+    makes; other stores read ahead in blocks. A missing object raises `FileNotFoundError`, as a
+    missing local file does."""
+    fs, path = remote_fs(url)
+    return fs.open(path, "rb", **({"block_size": 0} if urlparse(url).scheme in ("http", "https") else {}))
+
+
+def fsspec_opener(sources: Iterable[dict]) -> Iterator[dict]:
+    """WebDataset's `url_opener` stage through fsspec: each source with its open `stream`, which
+    is closed once the tar reader has moved on. Errors are raised as they come (the reader names them)."""
+    for source in sources:
+        with open_url(source["url"]) as stream:
+            yield {**source, "stream": stream}
+
+
+def tar_samples(url: str, select_files: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The undecoded samples of one shard: `wds.tarfile_samples` for a local path; for a URL the
+    same stages (`tar_file_expander`, `group_by_keys`) after `fsspec_opener` in place of
+    `url_opener`, so a truncated or damaged remote tar fails exactly as a local one does."""
+    if "://" not in url:
+        return wds.tarfile_samples([{"url": url}], select_files=select_files)
+    return group_by_keys(tar_file_expander(fsspec_opener([{"url": url}]), select_files=select_files))
+
+
 @dataclass
 class ShardReader:
     """Reads the shards of one split, sample by sample, under a `Faults` policy.
@@ -191,7 +276,7 @@ class ShardReader:
 
         seen = 0
         try:
-            for sample in wds.tarfile_samples([{"url": url}], select_files=note):
+            for sample in tar_samples(url, select_files=note):
                 seen += 1
                 absent = [m for m in self.required if m not in sample]
                 if absent:
@@ -246,25 +331,27 @@ REQUIRED = {"train": ("seq.npy", "json"), "items": ("tokens.npy", "txt", "json")
 "Members every sample of a split has (evaluation splits: history.npy and json)."
 
 
-def check_manifest(folder: Path, manifest: dict, faults: Faults) -> dict[str, list[str]]:
+def check_manifest(folder: Location, manifest: dict, faults: Faults) -> dict[str, list[str]]:
     """The URLs of each split's shards that are there to read. Every disagreement between
     manifest.json and the folder is a fault under `faults`: a listed shard that is missing, a tar
     in a split's folder that is not listed (not read), split counts that are not the sum of the
-    per-shard counts. Cheap (no shard is opened) and the same on every rank."""
-    where, counts = str(folder / "manifest.json"), manifest.get("shard_counts")
+    per-shard counts. Cheap (no shard is opened; a remote set: one listing per split) and the
+    same on every rank."""
+    where, counts = member_url(folder, "manifest.json"), manifest.get("shard_counts")
     usable: dict[str, list[str]] = {}
     for split, names in manifest["shards"].items():
         usable[split] = []
+        present, tars = _split_files(folder, split, names)
         for name in names:
-            if (folder / name).is_file():
-                usable[split].append(str(folder / name))
+            if member_url(folder, name) in present:
+                usable[split].append(member_url(folder, name))
             else:
                 lost = None if counts is None else counts.get(name)
-                faults.fault(Fault(split, str(folder / name), None, "missing", "listed in manifest.json, not found", lost, whole=True))
-        listed = {folder / name for name in names}
-        for path in sorted((folder / split).glob("*.tar")):
+                faults.fault(Fault(split, member_url(folder, name), None, "missing", "listed in manifest.json, not found", lost, whole=True))
+        listed = {member_url(folder, name) for name in names}
+        for path in tars:
             if path not in listed:
-                faults.fault(Fault(split, str(path), None, "unlisted", "not listed in manifest.json (the manifest "
+                faults.fault(Fault(split, path, None, "unlisted", "not listed in manifest.json (the manifest "
                                    "and the shards disagree: prepare again); not read", 0))
         key = COUNT_KEYS.get(split, split)
         if counts is not None and key in manifest["counts"]:
@@ -277,10 +364,44 @@ def check_manifest(folder: Path, manifest: dict, faults: Faults) -> dict[str, li
     return usable
 
 
-def shard_counts(folder: Path, manifest: dict) -> dict[str, int] | None:
+def _split_files(folder: Location, split: str, names: list[str]) -> tuple[set[str], list[str]]:
+    """(the URLs of the listed shards `names` that are there, every tar in the split's folder).
+    Local: a stat per shard and a glob. Remote: one listing per folder (the split's, and any
+    other the manifest names shards in), not a request per shard; where a listing shows nothing
+    (a store that does not list folders, such as a plain HTTP host), its shards are looked up
+    one by one."""
+    if not is_remote(folder):
+        return ({str(folder / name) for name in names if (folder / name).is_file()},
+                [str(path) for path in sorted((folder / split).glob("*.tar"))])
+    urls = [member_url(folder, name) for name in names]
+    split_folder = member_url(folder, split)
+    listings = {parent: _remote_tars(parent) for parent in {split_folder} | {url.rsplit("/", 1)[0] for url in urls}}
+    present = {url for url in urls if url in listings[url.rsplit("/", 1)[0]]}
+    unlisted_folders = {parent for parent, tars in listings.items() if not tars}
+    present |= {url for url in urls if url.rsplit("/", 1)[0] in unlisted_folders and _remote_exists(url)}
+    return present, listings[split_folder]
+
+
+def _remote_tars(url: str) -> list[str]:
+    """The URLs of the tars in a remote folder (none where it is not there or is not listed)."""
+    fs, path = remote_fs(url)
+    fs.invalidate_cache(path)  # a listing cached earlier in this process may be stale
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(f"{url}/{entry.rstrip('/').rsplit('/', 1)[-1]}" for entry in entries if entry.endswith(".tar"))
+
+
+def _remote_exists(url: str) -> bool:
+    fs, path = remote_fs(url)
+    return fs.exists(path)
+
+
+def shard_counts(folder: Location, manifest: dict) -> dict[str, int] | None:
     """Samples per shard URL, as manifest.json says (None: prepared before it said)."""
     counts = manifest.get("shard_counts")
-    return None if counts is None else {str(folder / name): n for name, n in counts.items()}
+    return None if counts is None else {member_url(folder, name): n for name, n in counts.items()}
 
 
 def _index_array(sample: dict, member: str, num_items: int | None) -> str | None:

@@ -62,9 +62,10 @@ def fit(cfg: Config) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         write_json(run_dir / "run_info.json", info)
 
-    data_dir = Path(cfg.data.dir)
-    with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
-        prepare(cfg)
+    if cfg.data.shards_url is None:  # a set at data.shards_url is read as it is: prepared and uploaded before
+        data_dir = Path(cfg.data.dir)
+        with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
+            prepare(cfg)
     data = ShardDataModule(cfg, fault_log=run_dir / ".data_faults")  # data.on_error=skip: what each rank skipped
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold, len(data.actions))
     module.model.item_tower.set_catalogue(data.catalogue.tokens, data.catalogue.lengths)
