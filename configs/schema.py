@@ -118,6 +118,14 @@ class DataConfig:
     "Keep only interactions before this time (epoch seconds; null: no bound)."
     dir: str = "data/${data.name}"
     "Folder of the prepared shards and manifest.json."
+    engine: str = "pandas"
+    "What runs `twotower prepare`: pandas (one process; the small-data default) | ray (Ray: a map-reduce over every core of this machine, or of a cluster with data.engine_address; data.source=table only; the same shards). See docs/data.md, Data at scale."
+    engine_address: Optional[str] = None
+    "data.engine=ray: the cluster to join (e.g. ray://head:10001 or auto; null: the RAY_ADDRESS variable, else a Ray started on this machine). data.dir must then be a folder every machine sees."
+    engine_partitions: int = 0
+    "data.engine=ray: reduce tasks (each writes its own shards of its users); 0: twice the cluster's CPUs."
+    cache_dir: Optional[str] = None
+    "Where each machine keeps the item catalogue read from the item shards (token ids, lengths, counts, ids, texts as .npy files), built once by the first process of the machine and memory-mapped by all of its ranks, so it is in memory once per machine, not once per rank. A folder on the machine's own disk; entries are named by a hash of manifest.json and the item shards, so a changed or re-prepared set gets a new one (old ones may be deleted at any time). null: twotower-<uid>/catalogue in the system temp folder."
     shards_url: Optional[str] = None
     "Read the prepared shards from this URL instead of data.dir (s3://bucket/prefix, http(s)://host/prefix, gs://bucket/prefix, file:///abs/path; null: data.dir). It is the base of a shard set that `twotower prepare` wrote (the folder with manifest.json and the split folders); the manifest, training, evaluation and item shards are all read from there through fsspec (s3 needs s3fs, installed with twotower[train]; gs needs gcsfs). S3 endpoint and credentials come from the usual variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...) or fsspec's FSSPEC_S3_* options. fit then prepares nothing and no local data.dir is needed: upload the set with `aws s3 sync` or the like (docs/data.md, Shards on object storage)."
     max_text_len: int = 32
@@ -142,6 +150,7 @@ class DataConfig:
         _check_choice("data.on_bad_row", self.on_bad_row, ("raise", "skip"))
         _check_choice("data.on_error", self.on_error, ("raise", "skip"))
         _check_choice("data.actions", self.actions, ("auto", "event", "rating", "none"))
+        _check_choice("data.engine", self.engine, ("pandas", "ray"))
         if self.source == "table" and not (self.interactions and self.items):
             raise ValueError("data.source=table needs data.interactions and data.items (file paths)")
         if self.source == "movielens" and not self.path:

@@ -104,9 +104,22 @@ def events_of(sample: dict, items: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return seq, gaps, actions if actions is not None else np.zeros(len(seq), dtype=np.int64)
 
 
-def collate_training(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[Histories, torch.Tensor]:
-    """Each sequence s trains every next-item position: inputs s[:-1] (with their codes), targets s[1:]."""
-    return pad_histories(*([part[:-1] for part in parts] for parts in zip(*seqs))), pad_left([items[1:] for items, _, _ in seqs])
+def training_sequence(sample: dict, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(items, time-gap codes, action codes, targets to leave out) of a training sample, cropped to
+    its newest `max_len + 1` items (SASRec style). A sample written by `prepare --append` carries
+    older items as history only (json `first_target`): the targets before it are left out."""
+    parts = events_of(sample, "seq.npy")
+    full = len(parts[0])
+    cropped = tuple(part[-(max_len + 1):] for part in parts)
+    first = sample["json"].get("first_target", 1)
+    return (*cropped, max(0, first - 1 - (full - len(cropped[0]))))
+
+
+def collate_training(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> tuple[Histories, torch.Tensor]:
+    """Each sequence s trains every next-item position: inputs s[:-1] (with their codes), targets s[1:]
+    (-1, left out, for the first `masked` of them)."""
+    targets = [np.r_[np.full(min(masked, len(items) - 1), -1), items[1 + masked:]] for items, _, _, masked in seqs]
+    return pad_histories(*([part[:-1] for part in parts] for parts in list(zip(*seqs))[:3])), pad_left(targets)
 
 
 class TrainSequences(IterableDataset):
@@ -118,14 +131,14 @@ class TrainSequences(IterableDataset):
     round-robin; this needs at least one shard per stream. `batches_per_epoch` (per rank): when set,
     each stream repeats its shards as needed and stops after its share of that many batches, so all
     ranks step in lockstep; when None (one rank, no resampling), an epoch is one exact pass.
-    `replay` (for `twotower update`): sequences not marked new are kept with this probability
-    (drawn afresh each epoch); None keeps every sequence. `reader`: how shards are read and what a
+    `replay` (for `twotower update`): sequences not of round `new_round` (the newest append) are
+    kept with this probability (drawn afresh each epoch); None keeps every sequence. `reader`: how shards are read and what a
     fault does (`datamodules.shards.split_reader`; default: raise, naming file and member)."""
 
     def __init__(self, urls: list[str], max_len: int, batch_size: int, shuffle_buffer: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, resample: bool = False,
                  batches_per_epoch: int | None = None, epoch: int = 0, replay: float | None = None,
-                 reader: ShardReader | None = None):
+                 reader: ShardReader | None = None, new_round: int | None = None):
         streams = world_size * max(1, num_workers)
         if not urls:
             raise DataError("no training shard to read (all missing or unreadable; see the faults above)")
@@ -138,10 +151,15 @@ class TrainSequences(IterableDataset):
         self.rank, self.world_size, self.resample = rank, world_size, resample
         self.batches_per_epoch = batches_per_epoch
         self.epoch = epoch
-        self.replay = replay
+        self.replay, self.new_round = replay, new_round
         self.skip = 0
         "Batches of this epoch already trained (a run resumed mid-epoch): the stream leaves them out."
         self.reader = reader or ShardReader("train", Faults("raise"), ("seq.npy",))
+
+    def is_new(self, sample: dict) -> bool:
+        """Whether a training sample is of the newest append (shards of an older twotower mark it `new`)."""
+        meta = sample["json"]
+        return meta["round"] == self.new_round if "round" in meta else meta.get("new", True)
 
     def _shards(self, epoch: int, stream: int, streams: int):
         """URLs (as WebDataset source dicts) this stream reads this epoch."""
@@ -182,9 +200,9 @@ class TrainSequences(IterableDataset):
             *self.reader.stages(),  # tar -> samples -> decoded and checked, faults as data.on_error says
             wds.map(usable),
             wds.shuffle(self.shuffle_buffer, seed=hash((self.seed, epoch, stream))),
-            wds.select(lambda sample: self.replay is None or sample["json"].get("new", True) or replay.random() < self.replay),
-            wds.map(lambda sample: tuple(part[-(self.max_len + 1):] for part in events_of(sample, "seq.npy"))),
-            wds.select(lambda seq: len(seq[0]) >= 2),
+            wds.select(lambda sample: self.replay is None or self.is_new(sample) or replay.random() < self.replay),
+            wds.map(lambda sample: training_sequence(sample, self.max_len)),
+            wds.select(lambda seq: len(seq[0]) - 1 > seq[3]),  # at least one target left
             wds.batched(self.batch_size, collation_fn=collate_training, partial=self.batches_per_epoch is None),
         )
         # Workers of a rank share its batches; Lightning's loader interleaves them round-robin.
@@ -334,7 +352,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _replay(self) -> tuple[float | None, int]:
         """(keep probability of sequences not marked new, or None: all; expected sequences per epoch)."""
-        users = self.manifest["counts"]["train_users"]
+        counts = self.manifest["counts"]
+        users = counts.get("train_samples", counts["train_users"])  # the training sequences
         if not self.window:
             return None, users
         new = self.manifest["window"]["new_users"]
@@ -356,7 +375,8 @@ class ShardDataModule(pl.LightningDataModule):
         reader = split_reader("train", self._train_faults, self.expected, self.num_items)
         return TrainSequences(self.urls["train"], data.max_len,
                               data.batch_size, data.shuffle_buffer, self.cfg.seed, rank, world_size, data.num_workers,
-                              resample, batches, epoch, replay, reader)
+                              resample, batches, epoch, replay, reader,
+                              self.manifest["window"]["round"] if self.window else None)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()

@@ -13,14 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from twotower.configs.schema import Config, DataConfig
 from twotower.datamodules import amazon, readers, synthetic
+from twotower.datamodules.partition import Written, write_partition
 from twotower.datamodules.shards import write_shards
-from twotower.datamodules.split import EvalCase, Events, Split, TrainSequence, leave_one_out
+from twotower.datamodules.split import choose_cold_items
 from twotower.files import atomic_folder, write_json
-from twotower.modules.item_text import item_texts, load_tokenizer, tokenize, tokenizer_fingerprint
+from twotower.modules.item_text import (
+    item_texts,
+    load_tokenizer,
+    tokenize,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,7 @@ SPLITS = ("train", "valid", "test", "cold")
 
 def _input_files(data: DataConfig) -> list[Path]:
     if data.source == "table":
-        return [Path(data.interactions), Path(data.items)]
+        return [p for spec in (data.interactions, data.items) for p in readers.input_files(spec)]
     if data.source == "movielens":
         return sorted(p for p in Path(data.path).glob("*") if p.is_file())
     if data.source == "amazon":
@@ -48,7 +55,8 @@ def _input_files(data: DataConfig) -> list[Path]:
 def fingerprint(cfg: Config) -> str:
     """What the shards depend on: data source and its files, text, split and tokenizer."""
     data = asdict(cfg.data)
-    for loader_only in ("batch_size", "eval_batch_size", "shuffle_buffer", "num_workers", "max_len", "dir", "name", "on_error", "shards_url", "cache_dir"):
+    for loader_only in ("batch_size", "eval_batch_size", "shuffle_buffer", "num_workers", "max_len", "dir", "name", "on_error", "shards_url", "cache_dir",
+                        "engine", "engine_address", "engine_partitions"):
         data.pop(loader_only)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _input_files(cfg.data) if p.exists()]
     key = json.dumps([SCHEMA_VERSION, data, asdict(cfg.split), cfg.model.item.encoder, files], sort_keys=True)
@@ -138,39 +146,30 @@ def action_codes(interactions: pd.DataFrame, data: DataConfig, known: list[str] 
     return codes, vocabulary, column
 
 
-def _events_members(events: Events) -> dict:
-    return {"time.npy": events.times.astype(np.float64), "action.npy": events.actions.astype(np.int16)}
-
-
-def train_sample(key: str, seq: TrainSequence, round_: int = 0, first_target: int = 1) -> dict:
-    """A training sequence; the training cases it holds are its positions `first_target`.. as
-    targets, each with every item before it as history (an append's sample carries the user's
-    older items as context only: their cases are in the shards of an earlier round)."""
-    meta = {"user_id": seq.user_id, "round": round_}
-    if first_target > 1:
-        meta["first_target"] = first_target
-    return {"__key__": key, "seq.npy": seq.events.items.astype(np.int32), **_events_members(seq.events), "json": meta}
-
-
-def eval_sample(key: str, case: EvalCase) -> dict:
-    return {"__key__": key, "history.npy": case.history.astype(np.int32), **_events_members(case.events),
-            "json": {"user_id": case.user_id, "target": case.target, "time": case.time}}
-
-
 def item_sample(index: int, item_id: str, tokens: np.ndarray, text: str, train_count: int, cold: bool) -> dict:
     return {"__key__": f"{index:09d}", "tokens.npy": tokens, "txt": text,
             "json": {"index": index, "item_id": item_id, "train_count": train_count, "cold": cold}}
 
 
-def _eval_samples(cases: list[EvalCase]):
-    for n, case in enumerate(cases):
-        yield eval_sample(f"{n:09d}", case)
-
-
-def event_tables(out: Path, manifest: dict) -> list[str]:
-    """The manifest's event tables (one per prepare or append round), relative to `out`."""
+def event_tables(manifest: dict) -> list[str]:
+    """The manifest's event tables, one per prepare or append round in round order, relative to its folder."""
     events = manifest.get("events", EVENTS)
     return [events] if isinstance(events, str) else list(events)
+
+
+def partition_frame(interactions: pd.DataFrame, item_index: pd.Series, codes: np.ndarray, round_: int) -> pd.DataFrame:
+    """`interactions` as `datamodules.partition`'s frame (its input order: `file` and `line` where
+    the readers gave them, else the row order)."""
+    n = len(interactions)
+    return pd.DataFrame({
+        "user": interactions["user_id"].astype(str).to_numpy(),
+        "item": item_index.loc[interactions["item_id"]].to_numpy(),
+        "time": interactions["timestamp"].to_numpy(dtype=np.float64),
+        "action": codes.astype(np.int16),
+        "round": np.full(n, round_, dtype=np.int32),
+        "file": interactions["file"].to_numpy() if "file" in interactions else np.zeros(n, dtype=np.int32),
+        "line": interactions["line"].to_numpy() if "line" in interactions else np.arange(1, n + 1),
+    })
 
 
 def prepare(cfg: Config, force: bool = False) -> Path:
@@ -183,87 +182,105 @@ def prepare(cfg: Config, force: bool = False) -> Path:
         appended = f", plus {len(manifest['appends'])} append(s)" if manifest.get("appends") else ""
         log.info(f"{out} is up to date ({manifest['counts']['train_users']} training users{appended})")
         return out
+    if cfg.data.engine == "ray":
+        from twotower.datamodules import engine
+
+        return engine.prepare(cfg, key)
     started = time.time()
     interactions, items, skipped = load_raw(cfg.data)
     log.info(f"read {len(interactions):,} interactions and {len(items):,} items ({cfg.data.source}) in {time.time() - started:.1f}s")
     interactions = time_slice(interactions, cfg.data)
     codes, actions, action_column = action_codes(interactions, cfg.data)
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
-    split = leave_one_out(interactions.assign(action=codes), item_index, cfg.split)
-    if not split.train:
-        raise readers.DataError(f"no user has {cfg.split.min_interactions} or more interactions with warm items: nothing to train on")
+    frame = partition_frame(interactions, item_index, codes, 0)
+    cold_items = choose_cold_items(np.unique(frame["item"].to_numpy()), len(items), cfg.split)
     tokenizer = load_tokenizer(cfg.model.item.encoder)
-    texts = item_texts(items.to_dict("records"), cfg.data.text_fields)
-    tokens = tokenize(tokenizer, texts, cfg.data.max_text_len, progress="tokenise")
     with atomic_folder(out) as tmp:
-        shards = _write_items(tmp, "", items, texts, tokens, split, cfg)
-        train = (train_sample(f"{n:09d}", seq) for n, seq in enumerate(split.train))
-        shards["train"] = _write_split(tmp, "", "train", train, len(split.train), cfg)
-        evaluation = {name: getattr(split, name) for name in ("valid", "test", "cold")}
-        shards.update(_write_evaluation(tmp, "", evaluation, cfg))
+        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count)
+        check_trainable(written, cfg)
+        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
         interactions.reset_index(drop=True).to_parquet(tmp / EVENTS)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": key,
-            "source": cfg.data.source,
-            "counts": _counts(interactions["user_id"].nunique(), len(interactions), len(items), split, evaluation, len(split.train)),
-            "item_ids": "item_ids.json",
-            "events": [EVENTS],
-            "items_table": ITEMS,
-            "tokenizer": {"encoder": cfg.model.item.encoder, "sha256": tokenizer_fingerprint(tokenizer), "max_text_len": cfg.data.max_text_len},
-            "text_fields": list(cfg.data.text_fields),
-            "actions": {"column": action_column, "values": actions},
-            "split": {"protocol": "leave-one-out by time (ties keep input order)", **asdict(cfg.split)},
-            "skipped": skipped,
-            **_shard_lists(shards),
-        }
+        manifest = new_manifest(cfg, key, written, written.interactions, len(items), cold_items, tokenizer,
+                                {"column": action_column, "values": actions}, skipped, [EVENTS])
         write_json(tmp / MANIFEST, manifest)
     log.info(f"wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")
     return out
 
 
-def _counts(users: int, interactions: int, items: int, split: Split, evaluation: dict[str, list], train_samples: int) -> dict:
+def check_trainable(written: Written, cfg: Config) -> None:
+    if not written.train_users:
+        raise readers.DataError(f"no user has {cfg.split.min_interactions} or more interactions with warm items: nothing to train on")
+
+
+def new_manifest(cfg: Config, key: str, written: Written, interactions: int, items: int, cold_items: np.ndarray,
+                 tokenizer, actions: dict, skipped: dict[str, int], events: list[str]) -> dict:
+    """manifest.json of a prepared folder (docs/data.md, "Shards"); `written`: all its shards."""
     return {
-        "interactions": int(interactions),
-        "users": int(users),
-        "items": int(items),
-        "train_users": len(split.train),
-        "train_samples": int(train_samples),
-        "train_events": int(split.train_counts.sum()),
-        **{name: len(cases) for name, cases in evaluation.items()},
-        "cold_items": int(split.cold_items.sum()),
-        "dropped_users": split.dropped_users,
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": key,
+        "source": cfg.data.source,
+        "counts": {
+            "interactions": int(interactions),
+            "users": written.users,
+            "items": int(items),
+            "train_users": written.train_users,
+            "train_samples": sum(written.shards["train"].values()),
+            "train_events": int(sum(written.train_counts)),
+            **{name: sum(files.values()) for name, files in written.shards.items() if name not in ("train", "items")},
+            "cold_items": int(cold_items.sum()),
+            "dropped_users": written.dropped_users,
+        },
+        "item_ids": "item_ids.json",
+        "events": events,
+        "items_table": ITEMS,
+        "tokenizer": {"encoder": cfg.model.item.encoder, "sha256": tokenizer_fingerprint(tokenizer), "max_text_len": cfg.data.max_text_len},
+        "text_fields": list(cfg.data.text_fields),
+        "actions": actions,
+        "split": {"protocol": "leave-one-out by time (ties keep input order)", **asdict(cfg.split)},
+        "skipped": skipped,
+        "shards": {name: list(files) for name, files in written.shards.items()},
+        "shard_counts": {path: n for files in written.shards.values() for path, n in files.items()},
     }
 
 
-def _shard_lists(shards: dict[str, dict[str, int]]) -> dict:
-    """manifest.json's `shards` (each split's files, relative to the folder) and `shard_counts`."""
-    return {"shards": {name: list(files) for name, files in shards.items()},
-            "shard_counts": {path: n for files in shards.values() for path, n in files.items()}}
-
-
-def _write_split(root: Path, prefix: str, name: str, samples, total: int, cfg: Config) -> dict[str, int]:
-    """Shards of one split under `root/prefix/name/`; {path relative to the prepared folder: samples}."""
-    written = write_shards(root / prefix / name, name, tqdm(samples, total=total, desc=name, disable=total < 10_000), cfg.data.shard_max_count)
-    return {str(Path(prefix) / name / shard): n for shard, n in written.items()}
-
-
-def _write_evaluation(root: Path, prefix: str, evaluation: dict[str, list[EvalCase]], cfg: Config) -> dict[str, dict[str, int]]:
-    return {name: _write_split(root, prefix, name, _eval_samples(cases), len(cases), cfg) for name, cases in evaluation.items()}
-
-
-def _write_items(root: Path, prefix: str, items: pd.DataFrame, texts: list[str], tokens: list[np.ndarray],
-                 split: Split, cfg: Config) -> dict[str, dict[str, int]]:
+def write_items(folder: Path, items: pd.DataFrame, train_counts: np.ndarray, cold_items: np.ndarray, tokenizer,
+                cfg: Config) -> dict[str, dict[str, int]]:
     """The item shards, items.parquet (with each item's training count and held-out flag: what an
-    append starts from) and item_ids.json, under `root/prefix`."""
+    append starts from) and item_ids.json, under `folder`."""
+    texts = item_texts(items.to_dict("records"), cfg.data.text_fields)
+    tokens = tokenize(tokenizer, texts, cfg.data.max_text_len, progress="tokenise")
     ids = items["item_id"].astype(str).tolist()
-    samples = (item_sample(i, ids[i], tokens[i], texts[i], int(split.train_counts[i]), bool(split.cold_items[i])) for i in range(len(items)))
-    shards = {"items": _write_split(root, prefix, "items", samples, len(items), cfg)}
-    (root / prefix).mkdir(parents=True, exist_ok=True)
+    samples = (item_sample(i, ids[i], tokens[i], texts[i], int(train_counts[i]), bool(cold_items[i])) for i in range(len(items)))
+    written = write_shards(folder / "items", "items", tqdm(samples, total=len(items), desc="items", disable=len(items) < 10_000),
+                           cfg.data.shard_max_count)
     table = items[["item_id", *cfg.data.text_fields]].astype({"item_id": str})
-    table.assign(train_count=split.train_counts, cold=split.cold_items).to_parquet(root / prefix / ITEMS)
-    write_json(root / prefix / "item_ids.json", ids)
-    return shards
+    table.assign(train_count=train_counts, cold=cold_items).to_parquet(folder / ITEMS)
+    write_json(folder / "item_ids.json", ids)
+    return {"items": {f"items/{name}": n for name, n in written.items()}}
+
+
+def event_rounds(manifest: dict) -> list[tuple[str, int]]:
+    """(event table, its round) of a prepared folder: round 0 for the first prepare's tables,
+    N for those of `appends/rNNNN/`."""
+    return [(t, int(t.split("/")[1][1:]) if t.startswith("appends/") else 0) for t in event_tables(manifest)]
+
+
+def append_checks(cfg: Config, out: Path, manifest: dict | None, key: str) -> dict | None:
+    """The manifest to append to, or None when this data was appended already (nothing to do)."""
+    if manifest is None:
+        raise readers.DataError(f"{out}: nothing to append to (no {MANIFEST}); run `twotower prepare` first")
+    tables = [out / t for t in event_tables(manifest)] + [out / manifest.get("items_table", ITEMS)]
+    if not all(t.is_file() for t in tables):
+        raise readers.DataError(f"{out}: prepared without {EVENTS}/{ITEMS} (an older twotower); prepare it again with --force first")
+    if "cold" not in pq.read_schema(tables[-1]).names:
+        raise readers.DataError(f"{tables[-1]}: no `cold` column (prepared by an older twotower); prepare it again with --force first")
+    if key == manifest["fingerprint"] or key in [a["fingerprint"] for a in manifest.get("appends", [])]:
+        log.info(f"{out} already holds this data (fingerprint {key}); nothing to append")
+        return None
+    if manifest["tokenizer"]["encoder"] != cfg.model.item.encoder or manifest["text_fields"] != list(cfg.data.text_fields):
+        raise readers.DataError(f"{out}: prepared with encoder {manifest['tokenizer']['encoder']!r} and text fields "
+                                f"{manifest['text_fields']}; append with the same model.item.encoder and data.text_fields")
+    return manifest
 
 
 def prepare_append(cfg: Config) -> Path:
@@ -279,108 +296,76 @@ def prepare_append(cfg: Config) -> Path:
     The new manifest is written last; then what it no longer lists is removed. Appending the same
     data twice is a no-op."""
     out = Path(cfg.data.dir)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise readers.DataError(f"{out}: nothing to append to (no {MANIFEST}); run `twotower prepare` first")
-    tables = [out / t for t in event_tables(out, manifest)] + [out / manifest.get("items_table", ITEMS)]
-    if not all(t.is_file() for t in tables):
-        raise readers.DataError(f"{out}: prepared without {EVENTS}/{ITEMS} (an older twotower); prepare it again with --force first")
     key = fingerprint(cfg)
-    appends = manifest.get("appends", [])
-    if key == manifest["fingerprint"] or key in [a["fingerprint"] for a in appends]:
-        log.info(f"{out} already holds this data (fingerprint {key}); nothing to append")
+    manifest = append_checks(cfg, out, read_manifest(out), key)
+    if manifest is None:
         return out
-    if manifest["tokenizer"]["encoder"] != cfg.model.item.encoder or manifest["text_fields"] != list(cfg.data.text_fields):
-        raise readers.DataError(f"{out}: prepared with encoder {manifest['tokenizer']['encoder']!r} and text fields "
-                                f"{manifest['text_fields']}; append with the same model.item.encoder and data.text_fields")
+    if cfg.data.engine == "ray":
+        from twotower.datamodules import engine
+
+        return engine.prepare(cfg, key, manifest)
     started = time.time()
-    base_events = pd.concat([pd.read_parquet(t) for t in tables[:-1]], ignore_index=True)
-    base_items = pd.read_parquet(tables[-1])
-    if "cold" not in base_items.columns:
-        raise readers.DataError(f"{tables[-1]}: no `cold` column (prepared by an older twotower); prepare it again with --force first")
+    base_events = pd.concat([pd.read_parquet(out / t).assign(round=r) for t, r in event_rounds(manifest)], ignore_index=True)
+    base_items = pd.read_parquet(out / manifest.get("items_table", ITEMS))
     new_events, items, skipped = load_raw(cfg.data, base_items)
     new_events = time_slice(new_events, cfg.data)
-    shared = base_events.columns.intersection(new_events.columns)
-    seen = pd.MultiIndex.from_frame(base_events[["user_id", "item_id", "timestamp"]])
-    new_events = new_events[~pd.MultiIndex.from_frame(new_events[["user_id", "item_id", "timestamp"]]).isin(seen)][shared]
     if new_events.empty:
         raise readers.DataError(f"no new interactions to append (data.since={cfg.data.since}, data.until={cfg.data.until})")
-    round_ = len(appends) + 1
     since = float(new_events["timestamp"].min())
-    appended = {"fingerprint": key, "round": round_, "since": since, "until": float(new_events["timestamp"].max()),
-                "interactions": int(len(new_events)), "new_items": int(len(items) - len(base_items))}
-    events = pd.concat([base_events[shared], new_events], ignore_index=True)
+    seen = pd.MultiIndex.from_frame(base_events[["user_id", "item_id", "timestamp"]])
+    new_events = new_events[~pd.MultiIndex.from_frame(new_events[["user_id", "item_id", "timestamp"]]).isin(seen)]
+    round_ = max(r for _, r in event_rounds(manifest)) + 1
+    events = pd.concat([base_events, new_events.assign(round=round_)], ignore_index=True)
     codes, actions, action_column = action_codes(events, cfg.data, manifest.get("actions", {}).get("values", []))
-    events = events.assign(action=codes)
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
+    frame = partition_frame(events, item_index, codes, 0).assign(round=events["round"].to_numpy())
     cold_items = np.r_[base_items["cold"].to_numpy(dtype=bool), np.zeros(len(items) - len(base_items), dtype=bool)]
-    split = leave_one_out(events, item_index, cfg.split, cold_items)
-    window_users = set(new_events["user_id"].unique())
-    before = leave_one_out(events.iloc[: len(base_events)][events["user_id"].iloc[: len(base_events)].isin(window_users)],
-                           item_index, cfg.split, cold_items)
-    new_sequences = list(_window_sequences(before.train, [s for s in split.train if s.user_id in window_users]))
-
     tokenizer = load_tokenizer(cfg.model.item.encoder)
-    texts = item_texts(items.to_dict("records"), cfg.data.text_fields)
-    tokens = tokenize(tokenizer, texts, cfg.data.max_text_len, progress="tokenise")
     prefix = f"appends/r{round_:04d}"
-    with atomic_folder(out / prefix) as tmp:
-        shards = _write_items(tmp, "", items, texts, tokens, split, cfg)
-        train = (train_sample(f"{n:09d}", seq, round_, first) for n, (seq, first) in enumerate(new_sequences))
-        shards["train"] = _write_split(tmp, "", "train", train, len(new_sequences), cfg)
-        evaluation = {name: getattr(split, name) for name in ("valid", "test", "cold")}
-        evaluation.update({f"{name}_window": [c for c in evaluation[name] if c.time >= since] for name in ("valid", "test")})
-        shards.update(_write_evaluation(tmp, "", evaluation, cfg))
-        new_events.reset_index(drop=True).to_parquet(tmp / EVENTS)
-    shards = {name: {f"{prefix}/{path}": n for path, n in files.items()} for name, files in shards.items()}
-    old_train = {path: manifest["shard_counts"][path] for path in manifest["shards"]["train"]}
-    train_samples = sum(old_train.values()) + len(new_sequences)
-    shards["train"] = {**old_train, **shards["train"]}
-    updated = {
-        **manifest,
-        "counts": _counts(events["user_id"].nunique(), len(events), len(items), split, evaluation, train_samples),
-        "item_ids": f"{prefix}/item_ids.json",
-        "events": [*event_tables(out, manifest), f"{prefix}/{EVENTS}"],
-        "items_table": f"{prefix}/{ITEMS}",
-        "actions": {"column": action_column, "values": actions},
-        "skipped": {k: manifest.get("skipped", {}).get(k, 0) + skipped.get(k, 0) for k in {*manifest.get("skipped", {}), *skipped}},
-        **_shard_lists(shards),
-        "appends": [*appends, appended],
-        "window": {"since": since, "round": round_, "new_users": len(new_sequences)},
-    }
+    try:
+        with atomic_folder(out / prefix) as tmp:
+            written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, round_, since)
+            written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
+            new_events.drop(columns="round", errors="ignore").reset_index(drop=True).to_parquet(tmp / EVENTS)
+    except BaseException:
+        if not any((out / "appends").iterdir()):  # the first append failed: leave the folder as it was
+            (out / "appends").rmdir()
+        raise
+    updated = appended_manifest(cfg, manifest, key, written, prefix, written.interactions, items, base_items, cold_items, tokenizer,
+                                {"column": action_column, "values": actions}, skipped, [f"{prefix}/{EVENTS}"], since)
     write_json(out / MANIFEST, updated)
-    _remove_unlisted(out, manifest, updated)
-    log.info(f"appended round {round_} to {out} in {time.time() - started:.1f}s: {len(new_sequences)} new training "
+    remove_unlisted(out, manifest, updated)
+    log.info(f"appended round {round_} to {out} in {time.time() - started:.1f}s: {written.window_sequences} new training "
              f"sequence(s), {updated['counts']}")
     return out
 
 
-def _window_sequences(before: list[TrainSequence], after: list[TrainSequence]):
-    """(sequence, first target) for each user whose training sequence grew: `after` (all events)
-    with its targets from where `before` (the events prepared earlier) stopped. The earlier
-    sequence must be where the new one starts: a new event older than a user's prepared events
-    would change training cases already written, which an append cannot do."""
-    earlier = {seq.user_id: seq.events for seq in before}
-    for seq in after:
-        old = earlier.get(seq.user_id)
-        start = 0 if old is None else len(old)
-        if old is not None and not (np.array_equal(seq.events.items[:start], old.items) and np.array_equal(seq.events.times[:start], old.times)):
-            changed = int(np.argmax((seq.events.items[:start] != old.items) | (seq.events.times[:start] != old.times)))
-            raise readers.DataError(
-                f"user {seq.user_id!r}: a new interaction at t={seq.events.times[changed]:.0f} comes before interactions "
-                f"prepared earlier (up to t={old.times[-1]:.0f}); an append can only add later events (set data.since to "
-                "the end of the prepared window), or prepare all the events again with --force")
-        if len(seq.events) > max(1, start):
-            yield seq, max(1, start)
+def appended_manifest(cfg: Config, manifest: dict, key: str, written: Written, prefix: str, interactions: int,
+                      items: pd.DataFrame, base_items: pd.DataFrame, cold_items: np.ndarray, tokenizer, actions: dict,
+                      skipped: dict[str, int], events: list[str], since: float) -> dict:
+    """`manifest` with the round written under `prefix` (`written`'s shards, relative to it): the
+    earlier training shards and event tables, and this round's everything else."""
+    round_ = int(prefix.rsplit("/r", 1)[1])
+    written.shards = {name: {f"{prefix}/{path}": n for path, n in files.items()} for name, files in written.shards.items()}
+    written.shards["train"] = {**{path: manifest["shard_counts"][path] for path in manifest["shards"]["train"]}, **written.shards["train"]}
+    earlier = manifest.get("skipped", {})
+    updated = new_manifest(cfg, manifest["fingerprint"], written, interactions, len(items), cold_items, tokenizer, actions,
+                           {k: earlier.get(k, 0) + skipped.get(k, 0) for k in {*earlier, *skipped}}, [*event_tables(manifest), *events])
+    return {**updated, "source": manifest["source"], "split": manifest["split"],
+            "item_ids": f"{prefix}/item_ids.json", "items_table": f"{prefix}/{ITEMS}",
+            "appends": [*manifest.get("appends", []), {"fingerprint": key, "round": round_, "since": since,
+                                                       "interactions": written.new_interactions, "new_items": int(len(items) - len(base_items))}],
+            "window": {"since": since, "round": round_, "new_users": written.window_sequences}}
 
 
-def _remove_unlisted(out: Path, old: dict, new: dict) -> None:
+def remove_unlisted(out: Path, old: dict, new: dict) -> None:
     """Delete the files `old` listed and `new` does not (the superseded evaluation and item shards and
     tables); a crash before this leaves only unlisted files, which nothing reads."""
     def listed(manifest: dict) -> set[str]:
-        return {*manifest["shard_counts"], *event_tables(out, manifest), manifest.get("items_table", ITEMS), manifest.get("item_ids", "item_ids.json")}
-    for name in sorted(listed(old) - listed(new)):
+        return {*manifest["shard_counts"], *event_tables(manifest), manifest.get("items_table", ITEMS), manifest.get("item_ids", "item_ids.json")}
+    gone = listed(old) - listed(new)
+    for name in sorted(gone):
         (out / name).unlink(missing_ok=True)
-    for folder in sorted({(out / name).parent for name in listed(old) - listed(new)}, key=lambda p: -len(p.parts)):
+    for folder in sorted({(out / name).parent for name in gone}, key=lambda p: -len(p.parts)):
         if folder != out and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

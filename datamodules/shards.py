@@ -325,8 +325,8 @@ def read_all(urls: list[str], reader: ShardReader | None = None) -> list[dict]:
 
 
 # ---- the shards of a prepared folder ---------------------------------------------------------
-COUNT_KEYS = {"train": "train_users", "items": "items"}
-"The manifest's `counts` key of a split's sample count (other splits: the split's own name)."
+COUNT_KEYS = {"train": ("train_samples", "train_users"), "items": ("items",)}
+"The manifest's `counts` key of a split's sample count, the first there is (other splits: the split's own name)."
 REQUIRED = {"train": ("seq.npy", "json"), "items": ("tokens.npy", "txt", "json")}
 "Members every sample of a split has (evaluation splits: history.npy and json)."
 
@@ -353,8 +353,8 @@ def check_manifest(folder: Location, manifest: dict, faults: Faults) -> dict[str
             if path not in listed:
                 faults.fault(Fault(split, path, None, "unlisted", "not listed in manifest.json (the manifest "
                                    "and the shards disagree: prepare again); not read", 0))
-        key = COUNT_KEYS.get(split, split)
-        if counts is not None and key in manifest["counts"]:
+        key = next((k for k in COUNT_KEYS.get(split, (split,)) if k in manifest["counts"]), None)
+        if counts is not None and key is not None:
             unknown = [name for name in names if name not in counts]
             total = sum(counts.get(name, 0) for name in names)
             if unknown or total != manifest["counts"][key]:

@@ -15,28 +15,9 @@ import pytest
 from twotower.configs import load_config
 from twotower.datamodules.prepare import prepare, prepare_append
 from twotower.datamodules.readers import DataError
-from twotower.datamodules.shards import iter_all
 from twotower.datamodules.synthetic import TIMELINE, write_time_split
 
-
-def training_cases(folder: Path) -> Counter:
-    """(user, target item id, history item ids) of every training case the shards hold: each
-    sample's positions from its `first_target` on, each with every item before it."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    ids = json.loads((folder / manifest["item_ids"]).read_text())
-    cases = Counter()
-    for sample in iter_all([str(folder / s) for s in manifest["shards"]["train"]]):
-        seq = [ids[i] for i in sample["seq.npy"]]
-        for j in range(sample["json"].get("first_target", 1), len(seq)):
-            cases[(sample["json"]["user_id"], seq[j], tuple(seq[:j]))] += 1
-    return cases
-
-
-def evaluation_cases(folder: Path, split: str) -> Counter:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    ids = json.loads((folder / manifest["item_ids"]).read_text())
-    return Counter((s["json"]["user_id"], ids[s["json"]["target"]], s["json"]["time"], tuple(ids[i] for i in s["history.npy"]))
-                   for s in iter_all([str(folder / name) for name in manifest["shards"][split]]))
+from prepared_cases import evaluation_cases, training_cases
 
 
 def digests(folder: Path, names: list[str]) -> dict[str, str]:
