@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from twotower.configs import load_config
+from twotower.datamodules.datamodule import ShardDataModule
 from twotower.datamodules.prepare import prepare, prepare_append
 from twotower.datamodules.readers import DataError
 from twotower.datamodules.synthetic import TIMELINE, write_time_split
@@ -98,3 +100,27 @@ def test_an_event_older_than_the_prepared_ones_is_refused_and_nothing_changes(ti
     with pytest.raises(DataError, match=r"user '\w+': a new interaction at t=\d+ comes before interactions prepared earlier"):
         prepare_append(load_config([], table(tiny_overrides, paths["early"], paths["all_items"], folder)))
     assert (folder / "manifest.json").read_bytes() == manifest and not (folder / "appends").exists()
+
+
+def test_the_training_stream_trains_each_case_once(tiny_overrides, tmp_path, timeline):
+    """The loader reads an appended round's samples as their new targets only (the older items are
+    history): one pass over old and new shards trains exactly the fresh prepare's cases."""
+    paths, both = timeline
+    folder = tmp_path / "appended"
+    longer = ["data.max_len=1000", "data.batch_size=16"]  # no crop: every case keeps its whole history
+    prepare(load_config([], table(tiny_overrides + longer, paths["early"], paths["early_items"], folder)))
+    cfg = load_config([], table(tiny_overrides + longer, paths["late"], paths["all_items"], folder))
+    prepare_append(cfg)
+    fresh = prepare(load_config([], table(tiny_overrides + longer, both, paths["all_items"], tmp_path / "fresh")))
+    data = ShardDataModule(cfg)
+    ids = data.catalogue.item_ids
+    trained = Counter()
+    for inputs, targets in data.train_dataset():
+        for row in range(len(targets)):
+            for position in torch.nonzero(targets[row] >= 0).flatten().tolist():
+                history = inputs.items[row, : position + 1]
+                trained[(ids[int(targets[row, position])], tuple(ids[i] for i in history[history >= 0].tolist()))] += 1
+    expected = Counter()
+    for (_, target, history), n in training_cases(fresh).items():  # the stream does not say whose case it is
+        expected[(target, history)] += n
+    assert trained == expected
