@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "length_buckets.py": ["speed-up vs first row", "max abs diff of vectors"],
     "memory.py": ["peak vs unchunked", "## frozen-layer cache"],
+    "rank_memory.py": ["| after |", "predicted drop"],
+    "prepare_scale.py": ["wall ray / pandas", "## memory ceiling"],
     "train_throughput.py": ["x naive", "+act_ckpt"],
     "update.py": ["NDCG@10 vs stale", "| full retrain |", "update kept:"],
     "serve.py": ["recall@10 user vectors", "goal p99"],
