@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
@@ -36,10 +37,12 @@ log = logging.getLogger(__name__)
 
 
 def write_shards(folder: Path, prefix: str, samples: Iterable[dict], max_count: int) -> dict[str, int]:
-    """Write `samples` to `folder/prefix-000000.tar, ...`; return {shard name: samples}, in order."""
+    """Write `samples` to `folder/prefix-000000.tar, ...`; return {shard name: samples}, in order.
+    Members get a whole-second mtime: WebDataset's default (a float, time.time()) makes tarfile add a
+    PAX header to every member, which doubled the shards' size and cost ~40 % of prepare's time."""
     folder.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
-    with wds.ShardWriter(str(folder / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0,
+    with wds.ShardWriter(str(folder / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0, mtime=int(time.time()),
                          post=lambda name: counts.__setitem__(Path(name).name, sink.count)) as sink:
         for sample in samples:
             sink.write(sample)
