@@ -41,3 +41,16 @@ def anonymous_rss_mb() -> float:
     """RssAnon in MB now: resident memory that only swap could free (not file pages such as a
     memory-mapped cache, which the kernel drops and reads back as needed). 0 where unknown."""
     return _status_mb("RssAnon") or 0.0
+
+
+def pss_mb(pid: int | str = "self") -> float:
+    """Proportional set size in MB now (/proc/PID/smaps_rollup): resident pages, each page shared
+    by k processes counted 1/k, so that memory shared by the ranks of a machine (a memory-mapped
+    file, shared libraries) counts once across them. 0 where unknown (not Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -19,7 +19,7 @@ import itertools
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +30,18 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower.configs.schema import Config
+from twotower.datamodules.catalogue import Catalogue, load_catalogue  # noqa: F401 (Catalogue: imported from here before)
 from twotower.datamodules.prepare import MANIFEST, read_manifest
 from twotower.datamodules.readers import DataError
 from twotower.datamodules.shards import (
     Fault,
     Faults,
-    Location,
-    ShardError,
     ShardReader,
     check_manifest,
     fault_counts,
     is_remote,
     iter_all,
     member_url,
-    read_all,
     read_fault_logs,
     read_json_url,
     shard_counts,
@@ -51,48 +49,6 @@ from twotower.datamodules.shards import (
     split_reader,
 )
 from twotower.modules.histories import Histories, pad_histories, pad_left, time_gap_codes
-
-
-@dataclass
-class Catalogue:
-    item_ids: list[str]
-    texts: list[str]
-    tokens: torch.Tensor
-    "[N, T] token ids, right-padded with 0."
-    lengths: torch.Tensor
-    "[N] token counts."
-    train_counts: torch.Tensor
-    "[N] occurrences in training sequences."
-    cold: torch.Tensor
-    "[N] bool: held out of training."
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-
-def load_catalogue(folder: Location, manifest: dict) -> Catalogue:
-    """Every item, in index order. Item shards are never skipped: any fault is an error."""
-    samples = read_all([member_url(folder, s) for s in manifest["shards"]["items"]],
-                       split_reader("items", Faults("raise"), shard_counts(folder, manifest)))
-    samples.sort(key=lambda s: s["json"]["index"])
-    indices, n = [s["json"]["index"] for s in samples], manifest["counts"]["items"]
-    if indices != list(range(n)):
-        gap = next((i for i in range(n) if i >= len(indices) or indices[i] != i), len(indices))
-        problem = (f"item index {gap} is in no item shard" if gap < n else f"the item shards hold {len(indices)} items")
-        raise ShardError(Fault("items", member_url(folder, "manifest.json"), "counts.items", "manifest",
-                               f"{n} items, but {problem} (an item cannot be skipped)", None))
-    lengths = torch.tensor([len(s["tokens.npy"]) for s in samples], dtype=torch.long)
-    tokens = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
-    for i, s in enumerate(samples):
-        tokens[i, : len(s["tokens.npy"])] = torch.from_numpy(s["tokens.npy"].astype(np.int64))
-    return Catalogue(
-        item_ids=[s["json"]["item_id"] for s in samples],
-        texts=[s["txt"] for s in samples],
-        tokens=tokens,
-        lengths=lengths,
-        train_counts=torch.tensor([s["json"]["train_count"] for s in samples], dtype=torch.long),
-        cold=torch.tensor([s["json"]["cold"] for s in samples], dtype=torch.bool),
-    )
 
 
 def events_of(sample: dict, items: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,7 +213,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.urls = check_manifest(self.folder, self.manifest, self.faults)
         self.expected = shard_counts(self.folder, self.manifest)
         self._check_features()
-        self.catalogue = load_catalogue(self.folder, self.manifest)
+        self.catalogue = load_catalogue(self.folder, self.manifest, cfg.data.cache_dir)
         self._cases: dict[tuple[str, int, int, int], tuple[list[dict], int]] = {}
 
     def _read_manifest(self) -> dict:

@@ -65,6 +65,22 @@ def gather_rows(x: torch.Tensor, fill: float | int = 0) -> tuple[torch.Tensor, l
     return torch.cat([slots[r, :n] for r, n in enumerate(sizes)]), sizes
 
 
+def gather_equal(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """[*shape], the same shape on every rank -> [world, *shape], slot r rank r's tensor; a single
+    process gets [1, *shape]. `grad`: differentiable (`_AllGatherWithGrad`: each slot's gradient,
+    summed over ranks, goes back to the rank that owns it). Without it the bytes are gathered, so
+    any dtype works on any backend (gloo has no bfloat16 all_gather on older torch)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x[None]
+    if grad:
+        return _AllGatherWithGrad.apply(x)
+    raw = x.detach().reshape(-1).contiguous().view(torch.uint8)
+    out = raw.new_empty(world, len(raw))
+    dist.all_gather(list(out.unbind(0)), raw)  # straight into one buffer: no second copy of the table
+    return out.view(x.dtype).reshape(world, *x.shape)
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (no gradient)."""
     if rank_and_world()[1] > 1:

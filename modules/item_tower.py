@@ -22,9 +22,10 @@ PROGRESS_MIN_ITEMS = 10_000
 "Encoding at least this many items shows a progress bar (a minute or more on a CPU with MiniLM)."
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's memory as bytes, whatever its dtype (numpy has no bfloat16)."""
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as a uint8 array for hashing, whatever its dtype (numpy has no bfloat16);
+    no copy of a contiguous CPU tensor (the catalogue's memory-mapped tokens stay mapped)."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
 
 
 def progress(chunks, desc: str, items: int, chunk_size: int):
@@ -87,9 +88,12 @@ class ItemTower(nn.Module):
             self.adapter = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU()) if cfg.text_adapter == "mlp" else nn.Identity()
             self.projection = nn.Linear(hidden, dim)
         # The catalogue's token ids (set by `set_catalogue`) and the frozen layers' output for them
-        # (`build_frozen_cache`): data, not weights, so not in the state dict.
-        self.register_buffer("tokens", torch.zeros(0, 0, dtype=torch.long), persistent=False)
-        self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
+        # (`build_frozen_cache`): data, not weights, so not in the state dict; and not buffers
+        # either, so that `.to(device)` leaves them in host memory (a step copies over its own rows)
+        # and DDP does not broadcast them into every rank's copy (which would turn the catalogue that
+        # the ranks of a machine share, memory-mapped, into a private copy per rank).
+        self.tokens = torch.zeros(0, 0, dtype=torch.int32)
+        self.lengths = torch.zeros(0, dtype=torch.long)
         self.frozen_cache: torch.Tensor | None = None
 
     @property
@@ -97,10 +101,27 @@ class ItemTower(nn.Module):
         return self.encoder is not None
 
     def set_catalogue(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Token ids [num_items, T] (right-padded) and their lengths, from the prepared shards."""
-        self.tokens = tokens.to(self.tokens.device, torch.long)
-        self.lengths = lengths.to(self.lengths.device, torch.long)
+        """Token ids [num_items, T] (right-padded) and their lengths, from the prepared shards,
+        kept in host memory as int32 and int64: the catalogue's memory-mapped tensors are used as
+        they are, without a copy (`datamodules.catalogue`)."""
+        self.tokens = tokens.to("cpu", torch.int32)
+        self.lengths = lengths.to("cpu", torch.long)
         self.frozen_cache = None
+
+    def _lengths_of(self, items: torch.Tensor) -> torch.Tensor:
+        """Text lengths of `items`, on their device."""
+        return self.lengths[items.cpu()].to(items.device)
+
+    def _tokens_of(self, items: torch.Tensor, width: int) -> torch.Tensor:
+        """Token ids [n, width] of `items` on their device: only these rows leave host memory."""
+        return self.tokens[items.cpu(), :width].to(device=items.device, dtype=torch.long, non_blocking=True)
+
+    @property
+    def encodes_items(self) -> bool:
+        """Whether an item's vector runs encoder layers (text modes, unless every layer is frozen
+        and served pooled from the cache): then encoding the catalogue is worth splitting across
+        ranks; an ID lookup or a projection of cached vectors costs less than the exchange."""
+        return self.encoder is not None and not (self.frozen_cache is not None and self.caches_pooled)
 
     @property
     def frozen_layers(self) -> int:
@@ -116,6 +137,8 @@ class ItemTower(nn.Module):
 
     @torch.no_grad()
     def _frozen_output(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        device = self.projection.weight.device
+        ids, lengths = ids.to(device, torch.long), lengths.to(device)
         mask = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]).long()
         hidden = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[self.frozen_layers]
         return self._pool(hidden, mask) if self.caches_pooled else hidden
@@ -208,7 +231,7 @@ class ItemTower(nn.Module):
         positions = torch.arange(len(items), device=items.device)
         if not self.cfg.dynamic_padding:
             return [(positions, self.tokens.shape[1])]
-        lengths = self.lengths[items]
+        lengths = self._lengths_of(items)
         if self.cfg.bucket_items and len(items) > self.cfg.bucket_items:
             chunks = lengths.argsort(stable=True).split(self.cfg.bucket_items)
         else:
@@ -216,11 +239,11 @@ class ItemTower(nn.Module):
         return [(chunk, int(lengths[chunk].max()) if len(chunk) else 1) for chunk in chunks]
 
     def _encode_width(self, items: torch.Tensor, width: int) -> torch.Tensor:
-        mask = (torch.arange(width, device=items.device) < self.lengths[items][:, None]).long()
+        mask = (torch.arange(width, device=items.device) < self._lengths_of(items)[:, None]).long()
         if self.frozen_cache is not None:
             hidden = self._cached(items)[:, :width]
             return self._pool_and_project(self._top_layers(hidden, mask), mask)
-        return self.encode_text(self.tokens[items, :width], mask)
+        return self.encode_text(self._tokens_of(items, width), mask)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Vectors [n, dim] of catalogue items (indices [n]). Tokens are trimmed to the longest

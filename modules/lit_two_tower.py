@@ -86,8 +86,10 @@ class TwoTowerModule(pl.LightningModule):
         return loss
 
     def _full_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Candidates: every item training may know; cold items stay out, as they do of sampled negatives."""
-        table = self.model.item_tower(torch.arange(self.model.num_items, device=self.device))
+        """Candidates: every item training may know; cold items stay out, as they do of sampled
+        negatives. With several ranks and an encoder to run, each rank encodes its share of the
+        catalogue and the shares are gathered, differentiably (`TwoTower.catalogue_table`)."""
+        table = self.model.catalogue_table()
         states = self.model.user_states(inputs, table)
         labels = torch.searchsorted(self.eligible, targets[positions])
         return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature)

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def export(cfg: Config, checkpoint: str, out: str | Path, serving: ServingConfig) -> Path:
     """Restore `checkpoint` on the catalogue of `cfg.data.dir`, encode every item on the device of
     `cfg.trainer.accelerator` (`accelerator_device`; in float32) and write the folder: the model
-    (the checkpoint's weights) and the vectors back on the CPU."""
+    (the checkpoint's weights) and the vectors back on the CPU. One process, one device: no
+    process group, so `catalogue_vectors` encodes every item here (it splits the items only
+    across the ranks of a running process group, as in validation)."""
     device = accelerator_device(cfg.trainer.accelerator)  # before any work: a missing GPU fails here, clearly
     data = ShardDataModule(cfg)
     module = load_module(checkpoint, data)

@@ -61,9 +61,9 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
     """DDP's keyword that stops it broadcasting every buffer from rank 0 before every forward.
 
     By default DDP does that broadcast, for buffers that forward updates (BatchNorm's running
-    statistics). Ours are data, not state: the catalogue's token ids and lengths
-    (`item_tower.tokens` / `lengths`, [num_items, max_text_len]: ~256 MB at 1M items x 32 tokens),
-    `item_prob` and `eligible` (TwoTowerModule), and the encoder's constant `position_ids`. No
+    statistics). Ours are data, not state: `item_prob` and `eligible` (TwoTowerModule), and the
+    encoder's constant `position_ids` (the catalogue's token ids are no buffers at all: the ranks of
+    a machine share them memory-mapped, and a broadcast into them would copy them per rank). No
     module updates a buffer in forward (no BatchNorm anywhere), and every rank builds these from
     the same shards before training, so they are identical on all ranks by construction and the
     broadcast would only copy them over themselves, every step.
