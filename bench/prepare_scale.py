@@ -5,7 +5,8 @@ run a `python -m twotower prepare` subprocess in a memory cgroup of its own. Two
 (a) per size x engine: events, items, wall s, peak memory, events/s, and the engine's wall time
     against pandas' on the same data in the same run (`ray / pandas`);
 (b) the memory ceiling: under one cgroup memory limit (`--cap` GiB), the largest event count each
-    engine completes, found by doubling from `--ceiling-start` and then bisecting, and their ratio.
+    engine completes, found by doubling from `--ceiling-start` (the engine: from 4x pandas' ceiling,
+    the size it must reach) and then bisecting, and their ratio.
 
     python bench/prepare_scale.py                                   # 1M, 10M events (100k items) + the 6 GiB ceiling
     python bench/prepare_scale.py --sizes 1M:100k,10M:100k,30M:1M --no-ceiling
@@ -233,18 +234,12 @@ class TreeSampler(threading.Thread):
             self.stop.wait(self.every)
 
 
-def prepare_command(engine: str, interactions: Path, items: Path, out: Path, encoder: str, partitions: int) -> list[str]:
+def prepare_command(engine: str, interactions: Path, items: Path, out: Path, encoder: str) -> list[str]:
     """The command a user would type: a fresh prepare (`--force`) of a table source."""
     command = [sys.executable, "-m", "twotower", "prepare", "--force", "data.source=table", f"data.interactions={interactions}",
                f"data.items={items}", f"data.dir={out}", f"data.engine={engine}", f"model.item.encoder={encoder}",
                "data.text_fields=[title]", "data.shard_max_count=10000", "logger.wandb.mode=disabled"]
-    return command + ([f"data.engine_partitions={partitions}"] if engine == "ray" and partitions else [])
-
-
-def partitions_for(events: int) -> int:
-    """Reduce tasks: one per ~500k events (at least 4), so that a reduce task's share stays bounded
-    as the data grows (the engine's default, twice the CPUs, would grow each task with the data)."""
-    return max(4, -(-events // 500_000))
+    return command
 
 
 DONE: dict[tuple, Run] = {}
@@ -268,7 +263,7 @@ def _run_prepare(engine: str, interactions: Path, items: Path, events: int, num_
     shutil.rmtree(out, ignore_errors=True)
     cap = int(cap_gib * GIB) if cap_gib else None
     group = Cgroup.create(f"prepare-scale-{os.getpid()}-{engine}", cap)
-    command = prepare_command(engine, interactions, items, out, encoder, partitions_for(events))
+    command = prepare_command(engine, interactions, items, out, encoder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "RAY_USAGE_STATS_ENABLED": "0"}
     if engine == "ray":
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -317,8 +312,8 @@ def size_table(runs: list[Run], have_cgroup: bool) -> str:
                            "wall ray / pandas"])
 
 
-def ceiling(engine: str, args, work: Path, encoder: str, tried: list[Run]) -> tuple[int, int | None]:
-    """(largest size completed, smallest size failed or None): doubling from --ceiling-start up to
+def ceiling(engine: str, args, work: Path, encoder: str, tried: list[Run], start: int) -> tuple[int, int | None]:
+    """(largest size completed, smallest size failed or None): doubling from `start` up to
     --ceiling-max, then --bisect steps between the last success and the first failure."""
     def attempt(events: int) -> bool:
         interactions, items, exact = dataset(work, events, args.ceiling_items)
@@ -328,7 +323,7 @@ def ceiling(engine: str, args, work: Path, encoder: str, tried: list[Run]) -> tu
               f"cgroup peak {run.peak_cgroup:.2f} GiB, PSS peak {run.peak_pss:.2f} GiB", flush=True)
         return run.ok
 
-    good, bad, size = 0, None, args.ceiling_start
+    good, bad, size = 0, None, start
     while size <= args.ceiling_max:
         if not attempt(size):
             bad = size
@@ -367,7 +362,7 @@ def describe_machine(args, encoder: str, have_cgroup: bool) -> None:
           f"pandas {pandas.__version__}, pyarrow {pa.__version__}, ray {ray.__version__}, transformers {transformers.__version__}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"encoder: tiny random BERT with MiniLM's tokenizer ({encoder}); data.shard_max_count=10000, data.text_fields=[title]; "
-          f"ray: data.engine_partitions = max(4, events / 500k), object store 30 % of the cap")
+          f"ray: data.engine_partitions default (one per 500k events, at least 2 x CPUs), object store 30 % of the cap")
     print("memory cgroup: " + ("yes (a child of this process's own)" if have_cgroup else "NONE (not root or no cgroup filesystem): "
                                "peaks are sampled PSS only and the ceiling is skipped"))
 
@@ -425,7 +420,10 @@ def main() -> None:
         print(f"## memory ceiling under a {args.cap:g} GiB cgroup limit ({args.ceiling_items:,} items; doubling from "
               f"{args.ceiling_start:,} to at most {args.ceiling_max:,} events, then {args.bisect} bisection step(s))")
         tried: list[Run] = []
-        results = {engine: ceiling(engine, args, work, encoder, tried) for engine in engines}
+        results = {}
+        for engine in engines:  # after pandas' ceiling, the others start at 4x it: the size they must reach
+            start = max(args.ceiling_start, 4 * results["pandas"][0]) if engine != "pandas" and "pandas" in results else args.ceiling_start
+            results[engine] = ceiling(engine, args, work, encoder, tried, min(start, args.ceiling_max))
         print()
         print(ceiling_table(results, args.cap, args.ceiling_max))
         print(f"\nload average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -123,7 +123,7 @@ class DataConfig:
     engine_address: Optional[str] = None
     "data.engine=ray: the cluster to join (e.g. ray://head:10001 or auto; null: the RAY_ADDRESS variable, else a Ray started on this machine). data.dir must then be a folder every machine sees."
     engine_partitions: int = 0
-    "data.engine=ray: reduce tasks (each writes its own shards of its users); 0: twice the cluster's CPUs."
+    "data.engine=ray: reduce tasks (each writes its own shards of its users); 0: twice the cluster's CPUs, or one per 500k input events when that is more (so a task's memory stays bounded)."
     cache_dir: Optional[str] = None
     "Where each machine keeps the item catalogue read from the item shards (token ids, lengths, counts, ids, texts as .npy files), built once by the first process of the machine and memory-mapped by all of its ranks, so it is in memory once per machine, not once per rank. A folder on the machine's own disk; entries are named by a hash of manifest.json and the item shards, so a changed or re-prepared set gets a new one (old ones may be deleted at any time). null: twotower-<uid>/catalogue in the system temp folder."
     shards_url: Optional[str] = None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from twotower.configs.schema import Config
 from twotower.datamodules import readers
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 ITEM_CHUNK = 50_000
 "Items per tokenising task."
+EVENTS_PER_PARTITION = 500_000
+"What a reduce task should hold by default: its memory stays bounded as the data grows."
 
 
 def start(cfg: Config):
@@ -70,8 +73,24 @@ def _unwrapped(err: BaseException) -> BaseException:
 
 
 def _bucket(users: pd.Series, partitions: int) -> np.ndarray:
-    """Which reduce task each user goes to: stable across processes and machines (not Python's hash)."""
-    return np.fromiter((zlib.crc32(u.encode()) % partitions for u in users.to_numpy()), dtype=np.int64, count=len(users))
+    """Which reduce task each user goes to: stable across processes and machines (not Python's hash),
+    hashed once per distinct user."""
+    distinct, rows = np.unique(users.astype(str).to_numpy(), return_inverse=True)
+    buckets = np.fromiter((zlib.crc32(u.encode()) % partitions for u in distinct), dtype=np.int64, count=len(distinct))
+    return buckets[rows]
+
+
+def default_partitions(files: list[str], cpus: int) -> int:
+    """Reduce tasks: twice the CPUs, and more for large input, so that a task holds about
+    `EVENTS_PER_PARTITION` events whatever the data's size (Parquet row counts from the footers;
+    text files estimated from their bytes)."""
+    rows = 0
+    for path in files:
+        if path.lower().endswith(".parquet"):
+            rows += pq.ParquetFile(path).metadata.num_rows
+        else:
+            rows += os.path.getsize(path) // 40
+    return max(2 * cpus, -(-rows // EVENTS_PER_PARTITION))
 
 
 def _map(source: tuple[str, str, int, int], cfg: Config, item_index: pd.Series, partitions: int):
@@ -154,7 +173,8 @@ def _prepare(ray, cfg: Config, out: Path, key: str, base: dict | None, started: 
         round_ = max(r for _, r in event_rounds(base)) + 1
         sources = [("events", str(out / t), r, 0) for t, r in event_rounds(base)] + [("input", path, round_, n) for _, path, _, n in sources]
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].astype(str).to_numpy())
-    partitions = cfg.data.engine_partitions or 2 * int(ray.cluster_resources().get("CPU", 1))
+    partitions = cfg.data.engine_partitions or default_partitions([path for _, path, _, _ in sources],
+                                                                  int(ray.cluster_resources().get("CPU", 1)))
 
     index_ref = ray.put(item_index)
     mapper = ray.remote(num_returns=partitions + 1)(_map)
