@@ -16,23 +16,29 @@ re-prepared or damaged shard gives a new folder, never a stale one. A `check.jso
 file's size and CRC-32, verified before the folder is used: a corrupted folder is built again."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from twotower.datamodules.shards import Fault, Faults, Location, ShardError, iter_all, member_url, shard_counts, split_reader
-from twotower.files import atomic_folder
+from twotower.datamodules.shards import (
+    Fault,
+    Faults,
+    Location,
+    ShardError,
+    iter_all,
+    member_url,
+    shard_counts,
+    split_reader,
+)
+from twotower.files import atomic_folder, exclusive
 
 ARRAYS = ("tokens", "lengths", "train_counts", "cold")
 "The numeric columns, one .npy file each."
@@ -150,18 +156,6 @@ def is_complete(folder: Path, num_items: int) -> bool:
         return False
 
 
-@contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """One process of this machine at a time (the others wait, then find the folder built)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _missing_items(folder: Location, n: int, seen: np.ndarray, count: int) -> ShardError:
     """The error of item shards that do not hold each index 0..n-1 exactly once."""
     gap = int(np.argmin(seen)) if not seen.all() else None
@@ -220,7 +214,7 @@ def load_catalogue(folder: Location, manifest: dict, cache_dir: str | Path | Non
     key = cache_key(manifest, urls)
     where, n = root / f"catalogue-{key}", manifest["counts"]["items"]
     if not is_complete(where, n):
-        with _locked(root / f".catalogue-{key}.lock"):
+        with exclusive(root / f".catalogue-{key}.lock"):
             if not is_complete(where, n):  # another process may have built it while this one waited
                 with atomic_folder(where) as tmp:
                     _build(tmp, folder, manifest, urls)

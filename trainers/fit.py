@@ -3,11 +3,9 @@
 prints the metrics table."""
 from __future__ import annotations
 
-import fcntl
 import logging
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,13 +16,19 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from twotower.configs import Config, to_yaml
 from twotower.datamodules.datamodule import ShardDataModule
 from twotower.datamodules.prepare import prepare
-from twotower.files import write_json, write_text
+from twotower.files import exclusive, write_json, write_text
 from twotower.modules.lit_two_tower import TwoTowerModule
 from twotower.trainers.checkpoints import INTERRUPTED, resolve_resume
 from twotower.trainers.evaluate import popularity_metrics
 from twotower.trainers.run_folder import plot_curves
 from twotower.trainers.run_info import run_info
-from twotower.trainers.trainer_setup import MONITOR, build_loggers, build_trainer, finish_wandb, test_checkpoint
+from twotower.trainers.trainer_setup import (
+    MONITOR,
+    build_loggers,
+    build_trainer,
+    finish_wandb,
+    test_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +40,6 @@ def parameter_counts(module: TwoTowerModule) -> dict[str, int]:
         counts[f"params/{name}"] = sum(p.numel() for p in tower.parameters())
         counts[f"params/{name}_trainable"] = sum(p.numel() for p in tower.parameters() if p.requires_grad)
     return counts
-
-
-@contextmanager
-def _exclusive(lock_file: Path):
-    """One process at a time (every rank runs `fit` from the top; the first prepares the shards,
-    the others then find them up to date). Needs a shared file system across nodes, as the shards do."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def fit(cfg: Config) -> dict[str, float]:
@@ -64,7 +55,7 @@ def fit(cfg: Config) -> dict[str, float]:
 
     if cfg.data.shards_url is None:  # a set at data.shards_url is read as it is: prepared and uploaded before
         data_dir = Path(cfg.data.dir)
-        with _exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
+        with exclusive(data_dir.with_name(f".{data_dir.name}.lock")):
             prepare(cfg)
     data = ShardDataModule(cfg, fault_log=run_dir / ".data_faults")  # data.on_error=skip: what each rank skipped
     module = TwoTowerModule(cfg, data.num_items, data.catalogue.train_counts, data.catalogue.cold, len(data.actions))

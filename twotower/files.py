@@ -6,6 +6,7 @@ the rename survives a power loss. Readers see the old content or the new, never 
 write removes its temporary and leaves the old content as it was."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -70,3 +71,17 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(lock_file: str | Path) -> Iterator[None]:
+    """One process at a time (of this machine; of every machine when `lock_file` is on a shared
+    filesystem): the others wait here, then usually find done what the first one did."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
