@@ -340,7 +340,7 @@ def ceiling(engine: str, args, work: Path, encoder: str, tried: list[Run], start
 def ceiling_table(results: dict[str, tuple[int, int | None]], cap: float, limit: int) -> str:
     pandas = results["pandas"][0]
     rows = [{"engine": engine, "cap": f"{cap:g}", "good": f"{good:,}" if good else "none",
-             "bad": f"{bad:,}" if bad else f"none up to {limit:,}",
+             "bad": f"{bad:,}" if bad else f"none (the next doubling is past --ceiling-max {limit:,})",
              "ratio": (f"{good / pandas:.2f}" + ("+" if bad is None else "")) if pandas else "–"}
             for engine, (good, bad) in results.items()]
     return markdown_table(rows, ["engine", "cap", "good", "bad", "ratio"],
