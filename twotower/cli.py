@@ -23,12 +23,15 @@ COMMANDS = {
     "prepare": ("raw interactions + items -> WebDataset shards + manifest.json",
                 "Read interactions and item text, split them leave-one-out by time, tokenise the item text with the "
                 "item tower's tokenizer and write WebDataset shards and manifest.json to data.dir (docs/data.md). "
-                "`fit` runs it for you when the shards are missing or stale.",
+                "`fit` runs it for you when the shards are missing or stale. data.engine=ray runs it as a map-reduce "
+                "on Ray (this machine's cores, or a cluster), with the same result.",
                 ["twotower prepare                                  # the built-in synthetic data",
                  "twotower prepare -c data/ml100k data.path=../shared/data/ml-100k",
-                 "twotower prepare --append data.since=1700000000   # a later window, for `update`"]),
+                 "twotower prepare --append data.since=1700000000   # a later window, for `update`",
+                 "twotower prepare data.source=table data.interactions=events/ data.items=items.parquet data.engine=ray"]),
     "fit": ("train and evaluate (no arguments: the built-in default)",
-            "Train the two towers on data.dir's shards (prepared first if needed), keep the best checkpoint by "
+            "Train the two towers on data.dir's shards (prepared first if needed; or those at data.shards_url, read as "
+            "they are), keep the best checkpoint by "
             "validation NDCG@10, then rank the test (and cold) split over the full catalogue and print the metrics "
             "beside a popularity baseline. Writes a run folder (run.dir): config.yaml, checkpoints/, metrics.csv, "
             "summary.json, curves.png.",
