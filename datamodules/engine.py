@@ -37,6 +37,7 @@ from twotower.datamodules.prepare import (
     merge_items,
     new_manifest,
     remove_unlisted,
+    round_folder,
     time_slice,
 )
 from twotower.datamodules.shards import write_shards
@@ -196,8 +197,7 @@ def _prepare(ray, cfg: Config, out: Path, key: str, base: dict | None, started: 
     since = min(s["min_time"] for s in new_stats if s["min_time"] is not None) if base is not None else None
     log.info(f"ray: mapped {rows:,} interactions from {len(sources)} file(s) into {partitions} partitions in {time.time() - started:.1f}s")
 
-    target = out / f"appends/r{round_:04d}" if base is not None else out
-    with atomic_folder(target) as tmp:
+    with (round_folder(out, f"appends/r{round_:04d}") if base is not None else atomic_folder(out)) as tmp:
         reducer = ray.remote(_reduce)
         cold_ref = ray.put(cold_items)
         written = Written()

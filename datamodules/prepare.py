@@ -8,8 +8,10 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -322,15 +324,10 @@ def prepare_append(cfg: Config) -> Path:
     cold_items = np.r_[base_items["cold"].to_numpy(dtype=bool), np.zeros(len(items) - len(base_items), dtype=bool)]
     tokenizer = load_tokenizer(cfg.model.item.encoder)
     prefix = f"appends/r{round_:04d}"
-    try:
-        with atomic_folder(out / prefix) as tmp:
-            written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, round_, since)
-            written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
-            new_events.drop(columns="round", errors="ignore").reset_index(drop=True).to_parquet(tmp / EVENTS)
-    except BaseException:
-        if not any((out / "appends").iterdir()):  # the first append failed: leave the folder as it was
-            (out / "appends").rmdir()
-        raise
+    with round_folder(out, prefix) as tmp:
+        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, round_, since)
+        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
+        new_events.drop(columns="round", errors="ignore").reset_index(drop=True).to_parquet(tmp / EVENTS)
     updated = appended_manifest(cfg, manifest, key, written, prefix, written.interactions, items, base_items, cold_items, tokenizer,
                                 {"column": action_column, "values": actions}, skipped, [f"{prefix}/{EVENTS}"], since)
     write_json(out / MANIFEST, updated)
@@ -338,6 +335,19 @@ def prepare_append(cfg: Config) -> Path:
     log.info(f"appended round {round_} to {out} in {time.time() - started:.1f}s: {written.window_sequences} new training "
              f"sequence(s), {updated['counts']}")
     return out
+
+
+@contextmanager
+def round_folder(out: Path, prefix: str) -> Iterator[Path]:
+    """`atomic_folder` for an append's round folder; a failed first append also removes `appends/`,
+    leaving the prepared folder as it was."""
+    try:
+        with atomic_folder(out / prefix) as tmp:
+            yield tmp
+    except BaseException:
+        if (out / "appends").is_dir() and not any((out / "appends").iterdir()):
+            (out / "appends").rmdir()
+        raise
 
 
 def appended_manifest(cfg: Config, manifest: dict, key: str, written: Written, prefix: str, interactions: int,

@@ -104,3 +104,14 @@ def test_bad_input_gets_the_pandas_error_and_leaves_nothing(tiny_overrides, tmp_
         errors[engine] = str(caught.value)
         assert not (tmp_path / engine).exists() and not list(tmp_path.glob(f".{engine}*"))  # nothing half-written
     assert errors["ray"] == errors["pandas"] and f"{path}, {expected}" in errors["ray"], errors
+
+
+def test_a_refused_ray_append_changes_nothing(tiny_overrides, tmp_path):
+    """An event older than a user's prepared ones is refused inside a reduce task: the driver gets
+    the task's own DataError, and the folder stays as it was."""
+    paths = write_time_split(load_config([], tiny_overrides).data.synthetic, 0.6 * TIMELINE, tmp_path / "tables")
+    folder = prepare(config(tiny_overrides, paths["late"], paths["all_items"], tmp_path / "data", "ray"))
+    manifest = (folder / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match=r"user '\w+': a new interaction at t=\d+ comes before interactions prepared earlier"):
+        prepare_append(config(tiny_overrides, paths["early"], paths["all_items"], folder, "ray"))
+    assert (folder / "manifest.json").read_bytes() == manifest and not (folder / "appends").exists()
