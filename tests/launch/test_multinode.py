@@ -1,0 +1,290 @@
+"""A two-node torchrun job on one machine: each "node" is a network namespace made by
+`launch/netns_hosts.sh` (its own address on a bridge, hostname and TMPDIR), and
+`launch/torchrun.sh` runs once per node (`--nnodes 2 --node-rank 0/1`, c10d rendezvous on node 0's
+address, one gloo process per node), as on two machines sharing a filesystem.
+
+What a single node hides and this checks: the rendezvous across hosts, each worker's global, local
+and node rank, the per-machine catalogue cache built once per node (each node's own TMPDIR, the
+default `data.cache_dir`), the run folder written once (rank 0) on the shared filesystem, and the
+metrics of the same world size on one node.
+
+Skipped, with the reason, only where namespaces cannot be made: not root, no `ip` (Debian's
+iproute2; `.ci/run` installs it), or the kernel refuses `ip netns add`. In a file of its own
+(`make test` runs one file per worker): its processes and timeouts should not share the cores
+with another worker's multi-process test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny
+from helpers import twotower
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "launch" / "netns_hosts.sh"
+NODES = 2
+RDZV_PORT = 29400  # each namespace has its own ports: no clash with the root namespace's; one port per job
+TIMEOUT_S = 480
+LOSS_DETECTED_S = 120  # the surviving node must have failed within this after the loss
+SKIPPED_BY_SCRIPT = 77  # netns_hosts.sh up: the kernel or container refused `ip netns add`
+
+
+@dataclass
+class Hosts:
+    """The namespaces of one `netns_hosts.sh up`: commands run on node i, its address, its TMPDIR."""
+    env: dict
+    prefix: str
+    folder: Path
+
+    def command(self, node: int, *argv: str) -> list[str]:
+        return ["bash", str(SCRIPT), "exec", str(node), *argv]
+
+    def address(self, node: int) -> str:
+        return f"10.77.0.{node + 1}"
+
+    def tmp(self, node: int) -> Path:
+        return self.folder / f"{self.prefix}{node}" / "tmp"
+
+    def kill(self, node: int) -> list[int]:
+        """SIGKILL every process of node i (`ip netns pids`: torchrun's workers are in sessions of
+        their own, so a process group would miss them); the pids killed."""
+        listed = subprocess.run(["ip", "netns", "pids", f"{self.prefix}{node}"], capture_output=True, text=True, timeout=30)
+        pids = [int(pid) for pid in listed.stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+        return pids
+
+
+def _cannot_make_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root (launch/netns_hosts.sh)"
+    if not shutil.which("ip"):
+        return "no `ip` command (Debian: apt-get install iproute2)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """Two hosts for this module; a prefix of this process's own so that two test sessions on one
+    machine do not take each other's namespaces."""
+    reason = _cannot_make_namespaces()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"tt{os.getpid() % 100000}n"
+    folder = tmp_path_factory.mktemp("nodes")
+    env = {**os.environ, "NETNS_PREFIX": prefix, "NETNS_DIR": str(folder)}
+    made = subprocess.run(["bash", str(SCRIPT), "up", str(NODES)], env=env, capture_output=True, text=True, timeout=60)
+    if made.returncode == SKIPPED_BY_SCRIPT:
+        pytest.skip(made.stderr.strip())
+    assert made.returncode == 0, made.stderr
+    made = Hosts(env, prefix, folder)
+    try:
+        yield made
+    finally:
+        for node in range(NODES):  # nothing of a failed test left running in a namespace
+            made.kill(node)
+        subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, timeout=60)
+
+
+PROBE = """
+import os, socket, sys
+name = socket.gethostname()
+print(name, socket.gethostbyname(name), os.environ["TMPDIR"])
+if sys.argv[1:]:  # connect to the other host's listener
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).sendall(name.encode())
+"""
+
+
+def test_each_host_has_its_own_name_address_and_temp_folder_and_reaches_the_others(hosts):
+    listener = subprocess.Popen(hosts.command(1, sys.executable, "-c",
+                                              "import socket; s = socket.create_server(('10.77.0.2', 5555)); s.settimeout(30); "
+                                              "print(s.accept()[0].recv(64).decode())"),
+                                env=hosts.env, stdout=subprocess.PIPE, text=True)
+    try:
+        seen = [subprocess.run(hosts.command(node, sys.executable, "-c", PROBE), env=hosts.env, capture_output=True,
+                               text=True, timeout=30).stdout.split() for node in range(NODES)]
+        assert seen == [[f"{hosts.prefix}{node}", hosts.address(node), str(hosts.tmp(node))] for node in range(NODES)]
+        for _ in range(50):  # until node 1 listens
+            sent = subprocess.run(hosts.command(0, sys.executable, "-c", PROBE, hosts.address(1), "5555"), env=hosts.env,
+                                  capture_output=True, text=True, timeout=30)
+            if sent.returncode == 0:
+                break
+        assert sent.returncode == 0, sent.stderr
+        assert listener.communicate(timeout=30)[0].strip() == f"{hosts.prefix}0"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+# ---- two-node torchrun ---------------------------------------------------------------------------
+RANK_PROBE = """
+import os, socket
+if "RANK" in os.environ and os.environ.get("RANK_PROBE_DIR"):  # a torchrun worker: what it was told
+    with open(os.path.join(os.environ["RANK_PROBE_DIR"], os.environ["RANK"]), "w") as f:
+        f.write(" ".join([os.environ[k] for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE")] + [socket.gethostname()]))
+"""
+
+
+@dataclass
+class Job:
+    run: Path
+    outputs: list[str]
+    "Each node's stdout + stderr."
+    ranks: dict[str, list[str]]
+    "Global rank -> [RANK, LOCAL_RANK, GROUP_RANK, WORLD_SIZE, hostname] as each worker saw them."
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run / "summary.json").read_text())
+
+
+def _launch(hosts: Hosts, nodes: list[int], nproc: int, overrides: list[str], run: Path, probe: Path,
+            port: int) -> list[subprocess.Popen]:
+    """`launch/torchrun.sh` on each of `nodes` at once (node rank = position in the list),
+    rendezvous on the first one's address; each worker records its ranks in `probe`."""
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(RANK_PROBE)
+    env = {**hosts.env, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(probe), os.environ.get("PYTHONPATH")])),
+           "RANK_PROBE_DIR": str(probe), "RDZV_ID": probe.name}
+    return [subprocess.Popen(hosts.command(node, "bash", str(ROOT / "launch" / "torchrun.sh"), "--nnodes", str(len(nodes)),
+                                           "--node-rank", str(rank), "--nproc-per-node", str(nproc),
+                                           "--rdzv-endpoint", f"{hosts.address(nodes[0])}:{port}", "--",
+                                           *overrides, f"run.dir={run}"),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank, node in enumerate(nodes)]
+
+
+def _wait(hosts: Hosts, nodes: list[int], launches: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[str]:
+    """Each node's output once it has ended; on timeout every process of `nodes` is killed."""
+    outputs = []
+    try:
+        for launch in launches:
+            outputs.append(launch.communicate(timeout=timeout)[0])
+    finally:
+        if len(outputs) < len(launches):
+            for node in nodes:
+                hosts.kill(node)
+            for launch in launches:
+                launch.wait()
+    return outputs
+
+
+def _torchrun(hosts: Hosts, nodes: list[int], nproc: int, overrides: list[str], run: Path, probe: Path, port: int) -> Job:
+    """A job that must succeed on every node."""
+    launches = _launch(hosts, nodes, nproc, overrides, run, probe, port)
+    outputs = _wait(hosts, nodes, launches)
+    for launch, output in zip(launches, outputs):
+        assert launch.returncode == 0, output[-6000:]
+    ranks = {path.name: path.read_text().split() for path in probe.iterdir() if path.name != "sitecustomize.py"}
+    return Job(run, outputs, ranks)
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_bert, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The shared filesystem: the tiny run's shards, prepared once; the overrides of every job."""
+    folder = tmp_path_factory.mktemp("shared")
+    overrides = [o for o in tiny(tiny_bert, folder) if not o.startswith("run.dir=")]
+    overrides += ["trainer.accelerator=cpu", "trainer.strategy=ddp", "trainer.num_threads=1"]
+    prepared = twotower("prepare", *overrides, cwd=folder, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-4000:]
+    return folder, overrides
+
+
+@pytest.fixture(scope="module")
+def jobs(hosts, shared) -> dict[str, Job]:
+    """The tiny run with 2 ranks: on one node (2 processes on node 0) and on two nodes (1 each)."""
+    folder, overrides = shared
+    return {"one node": _torchrun(hosts, [0], 2, overrides, folder / "one-node", folder / "probe-one", RDZV_PORT),
+            "two nodes": _torchrun(hosts, [0, 1], 1, overrides, folder / "two-nodes", folder / "probe-two", RDZV_PORT + 1)}
+
+
+@pytest.mark.slow
+def test_two_nodes_reach_the_metrics_of_one_node_with_the_same_world_size(jobs):
+    """Same seeds, same world size, same maths: only the transport differs (tolerance of the
+    DDP vs ZeRO comparison in tests/trainers/test_distributed.py)."""
+    one, two = jobs["one node"].summary, jobs["two nodes"].summary
+    print({key: (one[key], two[key]) for key in ("steps", "best/val/ndcg@10", "test/ndcg@10", "test/hr@10", "test/mrr@20")})
+    assert one["steps"] == two["steps"] > 0
+    for key in ("best/val/ndcg@10", "test/ndcg@10", "test/hr@10", "test/mrr@20"):
+        assert two[key] == pytest.approx(one[key], abs=2e-3), key
+
+
+@pytest.mark.slow
+def test_every_rank_is_told_its_global_local_and_node_rank(jobs, hosts):
+    two = jobs["two nodes"]
+    assert two.ranks == {"0": ["0", "0", "0", "2", f"{hosts.prefix}0"], "1": ["1", "0", "1", "2", f"{hosts.prefix}1"]}
+    for node, output in enumerate(two.outputs):  # Lightning's world, as each node's worker joined it
+        assert f"GLOBAL_RANK: {node}, MEMBER: {node + 1}/2" in output, output[-4000:]
+    one = jobs["one node"]
+    assert one.ranks == {"0": ["0", "0", "0", "2", f"{hosts.prefix}0"], "1": ["1", "1", "0", "2", f"{hosts.prefix}0"]}
+
+
+@pytest.mark.slow
+def test_each_node_builds_its_own_catalogue_cache_once(jobs, hosts):
+    """The default data.cache_dir is in the temp folder, which is each node's own: one built entry
+    per node, the same one (same shards), and none on the shared filesystem's /tmp."""
+    entries = [sorted(path.name for path in (hosts.tmp(node) / f"twotower-{os.getuid()}" / "catalogue").iterdir()
+                      if path.name.startswith("catalogue-")) for node in range(NODES)]
+    assert len(entries[0]) == 1 and entries[1] == entries[0], entries
+
+
+@pytest.mark.slow
+def test_rank_zero_alone_writes_the_run_folder(jobs):
+    """One run folder on the shared filesystem, one summary.json, one pair of checkpoints: node 1
+    wrote nothing of its own, and the two-node job leaves exactly the files of the one-node job."""
+    run = jobs["two nodes"].run
+    assert sorted(path.relative_to(run.parent) for path in run.parent.glob("**/summary.json")) == [
+        Path("one-node/summary.json"), Path("two-nodes/summary.json")]
+    assert sorted(path.relative_to(run) for path in run.glob("**/*.ckpt")) == [
+        Path("checkpoints/best.ckpt"), Path("checkpoints/last.ckpt")]
+    files = {name: sorted(str(path.relative_to(job.run)) for path in job.run.rglob("*")) for name, job in jobs.items()}
+    assert files["two nodes"] == files["one node"], files
+
+
+# ---- a node lost mid-job -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_lost_node_stops_the_job_and_a_rerun_resumes_to_the_uninterrupted_metrics(hosts, shared, jobs):
+    """Every process of node 1 is SIGKILLed once the first epoch's checkpoint exists (during the
+    second epoch): node 0's rank fails at its next collective (the peer's sockets are closed) and
+    torchrun ends with an error naming that peer's address, well within a bounded time; the same
+    two commands with trainer.resume=auto continue from checkpoints/last.ckpt to the metrics of
+    the uninterrupted two-node job (the resume tolerance of tests/trainers/test_distributed.py)."""
+    folder, overrides = shared
+    run = folder / "lost"
+    launches = _launch(hosts, [0, 1], 1, overrides, run, folder / "probe-lost", RDZV_PORT + 2)
+    last = run / "checkpoints" / "last.ckpt"
+    started = time.monotonic()
+    while not last.exists() and time.monotonic() - started < TIMEOUT_S and launches[0].poll() is None:
+        time.sleep(0.05)
+    assert hosts.kill(1), "node 1 had no processes left"
+    killed = time.monotonic()
+    outputs = _wait(hosts, [0, 1], launches, timeout=LOSS_DETECTED_S)
+    failed_after = time.monotonic() - killed
+    assert launches[0].returncode != 0, outputs[0][-4000:]
+    assert failed_after < LOSS_DETECTED_S
+    naming = [line for line in outputs[0].splitlines() if hosts.address(1) in line]
+    assert naming, outputs[0][-4000:]
+    print(f"node 0 ended {failed_after:.1f} s after node 1 was killed (exit {launches[0].returncode}): {naming[0][:300]}")
+    assert not (run / "summary.json").exists()
+
+    resumed = _torchrun(hosts, [0, 1], 1, [*overrides, "trainer.resume=auto"], run, folder / "probe-resumed", RDZV_PORT + 3)
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.outputs[0], resumed.outputs[0][-4000:]
+    full = jobs["two nodes"].summary
+    print({key: (full[key], resumed.summary[key]) for key in ("steps", "best/val/ndcg@10", "test/ndcg@10")})
+    assert resumed.summary["steps"] == full["steps"]
+    for key in ("best/val/ndcg@10", "test/ndcg@10", "test/mrr@20"):
+        assert resumed.summary[key] == pytest.approx(full[key], abs=1e-4), key
