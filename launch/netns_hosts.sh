@@ -9,19 +9,20 @@
 #
 # Host I: namespace and hostname PREFIX$I (default tt-node$I), address SUBNET.(I+1)/24 on its
 # `eth0` (default 10.77.0.1, 10.77.0.2, ...), loopback up; no route out: only these addresses and
-# loopback exist there. Every host's /etc/hosts (`ip netns exec` mounts /etc/netns/NAME/hosts over
-# it) names all the hosts, so a hostname resolves to the address the other hosts reach, as on a
-# cluster (gloo binds to what the hostname resolves to; GLOO_SOCKET_IFNAME=eth0 also works).
+# loopback exist there. Every host's /etc/hosts (`exec` mounts /etc/netns/NAME/hosts over it, as
+# `ip netns exec` would) names all the hosts, so a hostname resolves to the address the other
+# hosts reach, as on a cluster (gloo binds to what the hostname resolves to). Daemons run there
+# too: `exec I slurmd -N PREFIX$I` makes host I a SLURM node (tests/launch/test_multinode.py).
 # Node-local folder: `exec` sets TMPDIR=DIR/PREFIX$I/tmp, which is where twotower's per-machine
 # catalogue cache goes by default (data.cache_dir unset: the system temp folder), so each host
 # builds its own. A TMPDIR rather than a private mount over /tmp: the folders the hosts share (the
-# prepared shards, the run folder) may themselves live under /tmp, and a mount over it would hide them.
-# Everything else (the filesystem, processes) is shared, like a shared filesystem on a cluster.
+# prepared shards, the run folder) may themselves live under /tmp, and a mount over it would hide
+# them. Everything else (the filesystem, processes) is shared, like a shared filesystem on a cluster.
 #
 # Environment: NETNS_PREFIX (default tt-node, at most 10 characters), NETNS_SUBNET (default
-# 10.77.0, a /24), NETNS_DIR (node folders; default /tmp/twotower-netns). Needs root and iproute2
-# (Debian: apt-get install iproute2) and util-linux's unshare. `up` exits 77 when the kernel or
-# the container refuses to create a network namespace (the tests then skip).
+# 10.77.0, a /24), NETNS_DIR (node folders; default /tmp/twotower-netns). Needs root, iproute2
+# (Debian: apt-get install iproute2) and util-linux (unshare, nsenter). `up` exits 77 when the
+# kernel or the container refuses to create a network namespace (the tests then skip).
 set -euo pipefail
 
 PREFIX=${NETNS_PREFIX:-tt-node}
@@ -29,14 +30,14 @@ SUBNET=${NETNS_SUBNET:-10.77.0}
 DIR=${NETNS_DIR:-/tmp/twotower-netns}
 BRIDGE=$PREFIX-br
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "netns_hosts: $*" >&2; exit "${2:-1}"; }
 
 preflight() {
   (( ${#PREFIX} <= 10 )) || die "NETNS_PREFIX '$PREFIX' is longer than 10 characters (interface names stop at 15)"
   [[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces, veth pairs, a bridge)"
   command -v ip >/dev/null || die "no 'ip' command: apt-get install iproute2"
-  command -v unshare >/dev/null || die "no 'unshare' command (util-linux)"
+  command -v unshare >/dev/null && command -v nsenter >/dev/null || die "no 'unshare' or 'nsenter' command (util-linux)"
 }
 
 hosts_of() {  # the namespaces of PREFIX, in index order
@@ -92,9 +93,11 @@ run_on() {
   (( $# )) || die "exec I CMD...: no command"
   ip netns list | awk '{print $1}' | grep -qx "$name" || die "no host $name (launch/netns_hosts.sh up N first)"
   [[ -d $DIR/$name/tmp ]] || die "no folder $DIR/$name/tmp (NETNS_DIR must be the one \`up\` used)"
-  # ip netns exec: the namespace's network and /etc/hosts; unshare --uts: a hostname of its own.
-  exec ip netns exec "$name" unshare --uts -- env TMPDIR="$DIR/$name/tmp" NETNS_NODE="$i" \
-    sh -c 'hostname "$0" && exec "$@"' "$name" "$@"
+  # The namespace's network (nsenter), a hostname and mounts of its own (unshare), its /etc/hosts.
+  # Not `ip netns exec`: that also mounts a fresh /sys, which hides the machine's cgroup mounts
+  # (slurmd then refuses to start: "No filesystem mounted on /sys/fs/cgroup").
+  exec nsenter --net="/run/netns/$name" unshare --uts --mount -- env TMPDIR="$DIR/$name/tmp" NETNS_NODE="$i" \
+    sh -c 'mount --bind "/etc/netns/$0/hosts" /etc/hosts && hostname "$0" && exec "$@"' "$name" "$@"
 }
 
 case ${1:-} in

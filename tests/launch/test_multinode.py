@@ -6,10 +6,14 @@ address, one gloo process per node), as on two machines sharing a filesystem.
 What a single node hides and this checks: the rendezvous across hosts, each worker's global, local
 and node rank, the per-machine catalogue cache built once per node (each node's own TMPDIR, the
 default `data.cache_dir`), the run folder written once (rank 0) on the shared filesystem, and the
-metrics of the same world size on one node.
+metrics of the same world size on one node. A node lost mid-job (every process SIGKILLed) stops
+the job in seconds and a rerun resumes to the same metrics. The same two hosts also form a live
+two-node SLURM cluster (slurmctld on node 0, a slurmd per node), where `launch/slurm.sbatch` runs
+with `--nodes 2`.
 
 Skipped, with the reason, only where namespaces cannot be made: not root, no `ip` (Debian's
-iproute2; `.ci/run` installs it), or the kernel refuses `ip netns add`. In a file of its own
+iproute2; `.ci/run` installs it), or the kernel refuses `ip netns add`; the SLURM test also where
+slurm-wlm is missing or munged is not running (`.ci/run` has both as root). In a file of its own
 (`make test` runs one file per worker): its processes and timeouts should not share the cores
 with another worker's multi-process test.
 """
@@ -288,3 +292,118 @@ def test_a_lost_node_stops_the_job_and_a_rerun_resumes_to_the_uninterrupted_metr
     assert resumed.summary["steps"] == full["steps"]
     for key in ("best/val/ndcg@10", "test/ndcg@10", "test/mrr@20"):
         assert resumed.summary[key] == pytest.approx(full[key], abs=1e-4), key
+
+
+# ---- two-node SLURM ------------------------------------------------------------------------------
+SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "munge")
+
+
+def _slurm_conf(hosts: Hosts, folder: Path) -> str:
+    """A cluster of the two hosts: slurmctld on node 0, a slurmd on each (their own spool, pid and
+    log files: `%n` is the node's name); ports are per namespace, so the fixed ones clash with nothing."""
+    nodes = "\n".join(f"NodeName={hosts.prefix}{node} NodeAddr={hosts.address(node)} CPUs={os.cpu_count()} RealMemory=1000"
+                      for node in range(NODES))
+    return f"""# Two nodes in network namespaces (tests/launch/test_multinode.py); see docs/slurm-local.md for one.
+ClusterName=twotower-{hosts.prefix}
+SlurmctldHost={hosts.prefix}0({hosts.address(0)})
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool-%n
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd-%n.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd-%n.log
+{nodes}
+PartitionName=debug Nodes={hosts.prefix}[0-{NODES - 1}] Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(hosts, tmp_path_factory) -> dict:
+    """A live two-node SLURM: slurmctld on node 0, slurmd on each node (Debian's slurm-wlm and a
+    running munged, as `.ci/run` has them as root); the environment its commands need. The
+    daemons end with the hosts (every process of a namespace is killed)."""
+    missing = [tool for tool in SLURM_TOOLS if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"no SLURM here (missing {' '.join(missing)}; apt-get install slurm-wlm munge)")
+    if subprocess.run(["munge", "-n"], capture_output=True, timeout=10).returncode != 0:
+        pytest.skip("munged is not running (launch/slurm_local.sh start DIR starts it; docs/slurm-local.md)")
+    folder = tmp_path_factory.mktemp("slurm")
+    (folder / "state").mkdir()
+    conf = folder / "slurm.conf"
+    conf.write_text(_slurm_conf(hosts, folder))
+    env = {**hosts.env, "SLURM_CONF": str(conf)}
+    daemons = [hosts.command(0, "slurmctld", "-f", str(conf))]
+    for node in range(NODES):
+        (folder / f"spool-{hosts.prefix}{node}").mkdir()
+        daemons.append(hosts.command(node, "slurmd", "-f", str(conf), "-N", f"{hosts.prefix}{node}"))
+    for daemon in daemons:
+        started = subprocess.run(daemon, env=env, capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, (daemon, started.stderr)
+    states = ""
+    for _ in range(60):
+        states = subprocess.run(hosts.command(0, "sinfo", "-h", "-N", "-o", "%t"), env=env, capture_output=True,
+                                text=True, timeout=30).stdout.split()
+        if states == ["idle"] * NODES:
+            break
+        time.sleep(1)
+    logs = "\n".join(path.read_text()[-1500:] for path in folder.glob("*.log"))
+    assert states == ["idle"] * NODES, f"sinfo: {states}\n{logs}"
+    return env
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_nodes_trains_like_torchrun_on_two_nodes(slurm, hosts, shared, jobs, tmp_path):
+    """`sbatch --nodes 2 --ntasks-per-node 1 launch/slurm.sbatch` (less its GPU and CPU requests):
+    one srun task on each node, MASTER_ADDR the allocation's first node (a hostname every node
+    resolves), SLURM_PROCID/LOCALID/NODEID as on a cluster; the job reaches the metrics of the
+    two-node torchrun job, and rank 0 alone writes summary.json."""
+    folder, overrides = shared
+    script = tmp_path / "job.sbatch"
+    text = (ROOT / "launch" / "slurm.sbatch").read_text()
+    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line) + "\n")
+    # $PYTHON as each task sees it: records the task's SLURM world and host; sbatch passes the
+    # submitting host's TMPDIR to every task, so each takes its own node's temp folder back.
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\n'
+                      f'echo "$SLURM_PROCID $SLURM_LOCALID $SLURM_NODEID $(hostname)" > "{ranks}/$SLURM_PROCID"\n'
+                      f'export TMPDIR="{hosts.folder}/$(hostname)/tmp"\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    out, run = tmp_path / "slurm.out", folder / "slurm-two-nodes"
+    env = {**slurm, "PYTHON": str(python), "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("MASTER_PORT", None)
+    submit = subprocess.Popen(hosts.command(0, "sbatch", "--parsable", "--wait", "--time=8", "--nodes=2", "--ntasks-per-node=1",
+                                            f"--output={out}", f"--chdir={ROOT}", str(script), *overrides, f"run.dir={run}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = submit.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        submit.kill()
+        stdout, stderr = submit.communicate()
+        subprocess.run(hosts.command(0, "scancel", "--user", "root"), env=env, timeout=30)
+        pytest.fail(f"job still running after {TIMEOUT_S} s (cancelled)\n{out.read_text()[-4000:] if out.exists() else ''}")
+    log = out.read_text() if out.exists() else ""
+    assert submit.returncode == 0, stderr + log[-4000:]
+    assert f"twotower: 2 node(s) x 1 task(s), rendezvous {hosts.prefix}0:" in log, log[-4000:]
+    seen = sorted(path.read_text().split() for path in ranks.iterdir())
+    assert seen == [["0", "0", "0", f"{hosts.prefix}0"], ["1", "0", "1", f"{hosts.prefix}1"]], seen
+    summary, torchrun = json.loads((run / "summary.json").read_text()), jobs["two nodes"].summary
+    print({key: (torchrun[key], summary[key]) for key in ("steps", "best/val/ndcg@10", "test/ndcg@10")})
+    assert summary["steps"] == torchrun["steps"]
+    for key in ("best/val/ndcg@10", "test/ndcg@10", "test/hr@10", "test/mrr@20"):
+        assert summary[key] == pytest.approx(torchrun[key], abs=2e-3), key
+    assert sorted(path.relative_to(run) for path in run.glob("**/summary.json")) == [Path("summary.json")]
