@@ -1,5 +1,6 @@
 # make demo: train on the built-in data (no download) and print the metrics table.
-# make test: the whole test suite, one file per worker (pytest-xdist), TEST_WORKERS at a time.
+# make test: the whole test suite, one file per worker (pytest-xdist), TEST_WORKERS at a time; then the
+# `serial` tests (multi-node jobs in network namespaces) alone, so their timeouts measure the code, not the cores.
 # Both create .venv when missing: torch first (a CPU build, so nothing pulls a CUDA one), then the package.
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
@@ -24,7 +25,8 @@ demo: install
 	$(BIN)/twotower fit run.name=demo
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not serial"
+	$(BIN)/python -m pytest -q --durations=5 -m serial
 
 # On a CUDA machine: the GPU tier (tests/gpu) and the throughput benchmark on the GPU (README, "GPU").
 gpu-check: install

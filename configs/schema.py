@@ -345,6 +345,8 @@ class TrainerConfig:
     "DeepSpeed: keep parameters in CPU memory between uses (needs zero_stage=3)."
     process_group_backend: Optional[str] = None
     "torch.distributed backend: null (nccl on GPU, gloo on CPU) | nccl | gloo."
+    collective_timeout_s: int = 1800
+    "ddp / deepspeed: a collective (all-reduce, gather) that waits longer than this fails the rank with an error instead of hanging (a node lost silently, frozen or cut off): seconds. A node whose processes die is noticed at once (its connections close)."
     resume: Optional[str] = None
     "Resume training from a checkpoint (file, or ZeRO checkpoint folder) | auto: the run folder's checkpoints/last.ckpt when it exists (what a SLURM requeue relies on) | null: start fresh."
     precision: str = "32-true"
@@ -374,6 +376,8 @@ class TrainerConfig:
             raise ValueError("trainer.offload_parameters=true needs trainer.zero_stage=3")
         if (self.offload_optimizer or self.offload_parameters) and self.strategy != "deepspeed":
             raise ValueError("trainer.offload_optimizer/offload_parameters need trainer.strategy=deepspeed")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s}: expected seconds > 0")
         if self.process_group_backend is not None:
             _check_choice("trainer.process_group_backend", self.process_group_backend, ("nccl", "gloo"))
         _check_positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from datetime import timedelta
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -83,7 +84,7 @@ def build_strategy(t: TrainerConfig) -> Strategy | str:
         # Every parameter is used in every step (the pooler is dropped in ItemTower), so DDP need
         # not search the graph for unused ones.
         return DDPStrategy(process_group_backend=t.process_group_backend, find_unused_parameters=False,
-                           **_no_forward_buffer_sync())
+                           timeout=timedelta(seconds=t.collective_timeout_s), **_no_forward_buffer_sync())
     on_cpu = _on_cpu(t)
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -93,6 +94,7 @@ def build_strategy(t: TrainerConfig) -> Strategy | str:
         offload_optimizer=t.offload_optimizer,
         offload_parameters=t.offload_parameters,
         process_group_backend=t.process_group_backend,
+        timeout=timedelta(seconds=t.collective_timeout_s),
         # Only for DeepSpeed's throughput print-outs: our training set is an IterableDataset, whose
         # batch size Lightning cannot read off a sampler.
         logging_batch_size_per_gpu=1,

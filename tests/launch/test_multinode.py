@@ -13,9 +13,9 @@ with `--nodes 2`.
 
 Skipped, with the reason, only where namespaces cannot be made: not root, no `ip` (Debian's
 iproute2; `.ci/run` installs it), or the kernel refuses `ip netns add`; the SLURM test also where
-slurm-wlm is missing or munged is not running (`.ci/run` has both as root). In a file of its own
-(`make test` runs one file per worker): its processes and timeouts should not share the cores
-with another worker's multi-process test.
+slurm-wlm is missing or munged is not running (`.ci/run` has both as root). Marked `serial`:
+`make test` runs it alone after the parallel tests, so that its processes and timeouts do not
+share the cores with another worker's multi-process test.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import pytest
 from conftest import tiny
 from helpers import twotower
 
+pytestmark = pytest.mark.serial
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "netns_hosts.sh"
 NODES = 2
@@ -59,14 +60,15 @@ class Hosts:
     def tmp(self, node: int) -> Path:
         return self.folder / f"{self.prefix}{node}" / "tmp"
 
-    def kill(self, node: int) -> list[int]:
-        """SIGKILL every process of node i (`ip netns pids`: torchrun's workers are in sessions of
-        their own, so a process group would miss them); the pids killed."""
+    def kill(self, node: int, sig: int = signal.SIGKILL) -> list[int]:
+        """Send `sig` (SIGKILL: a node lost; SIGSTOP: a node frozen) to every process of node i (`ip
+        netns pids`: torchrun's workers are in sessions of their own, so a process group would miss
+        them); the pids signalled."""
         listed = subprocess.run(["ip", "netns", "pids", f"{self.prefix}{node}"], capture_output=True, text=True, timeout=30)
         pids = [int(pid) for pid in listed.stdout.split()]
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
             except ProcessLookupError:  # ended meanwhile
                 pass
         return pids
@@ -292,6 +294,31 @@ def test_a_lost_node_stops_the_job_and_a_rerun_resumes_to_the_uninterrupted_metr
     assert resumed.summary["steps"] == full["steps"]
     for key in ("best/val/ndcg@10", "test/ndcg@10", "test/mrr@20"):
         assert resumed.summary[key] == pytest.approx(full[key], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_frozen_node_fails_the_job_within_the_collective_timeout(hosts, shared):
+    """Every process of node 1 is SIGSTOPped during the second epoch: its connections stay open, so
+    only `trainer.collective_timeout_s` can stop node 0 from waiting at its next collective (30
+    minutes by default); with 20 s it fails within that bound plus the time to tear down."""
+    folder, overrides = shared
+    run = folder / "frozen"
+    launches = _launch(hosts, [0, 1], 1, [*overrides, "trainer.collective_timeout_s=20"], run, folder / "probe-frozen", RDZV_PORT + 4)
+    last = run / "checkpoints" / "last.ckpt"
+    started = time.monotonic()
+    while not last.exists() and time.monotonic() - started < TIMEOUT_S and launches[0].poll() is None:
+        time.sleep(0.05)
+    assert hosts.kill(1, signal.SIGSTOP), "node 1 had no processes left"
+    frozen = time.monotonic()
+    try:
+        output = launches[0].communicate(timeout=LOSS_DETECTED_S)[0]
+    finally:
+        hosts.kill(1)  # a stopped process still takes SIGKILL
+        _wait(hosts, [0, 1], launches, timeout=60)
+    failed_after = time.monotonic() - frozen
+    print(f"node 0 ended {failed_after:.1f} s after node 1 froze (exit {launches[0].returncode})")
+    assert launches[0].returncode != 0 and 20 <= failed_after < LOSS_DETECTED_S, output[-4000:]
+    assert not (run / "summary.json").exists()
 
 
 # ---- two-node SLURM ------------------------------------------------------------------------------
