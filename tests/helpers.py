@@ -68,3 +68,17 @@ def save_tiny_bert(folder: Path) -> str:
         BertModel(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def sbatch_job(folder: Path, record: str, setup: str = "") -> tuple[Path, Path, Path]:
+    """(script, python, ranks) for a live `sbatch` test: launch/slurm.sbatch less its GPU and CPU
+    requests (a CPU test node), and a $PYTHON for its tasks that writes `record` (shell words, e.g.
+    "$SLURM_PROCID $SLURM_LOCALID") to ranks/$SLURM_PROCID, runs `setup`, then this interpreter."""
+    script, python, ranks = folder / "job.sbatch", folder / "python", folder / "ranks"
+    text = (Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch").read_text()
+    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line) + "\n")
+    ranks.mkdir()
+    python.write_text(f'#!/usr/bin/env bash\necho "{record}" > "{ranks}/$SLURM_PROCID"\n{setup}exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return script, python, ranks
+

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import sbatch_job
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -82,17 +84,8 @@ def test_sbatch_on_a_live_one_node_cluster(tiny_overrides, tmp_path):
     """Two srun tasks on one node: each task is a rank of the srun world (SLURM_PROCID 0 and 1 of 2,
     SLURM_LOCALID 0 and 1), Lightning's SLURMEnvironment trains with that world, rank 0 writes
     summary.json. The real script, less its GPU and CPU requests (the node has 2 CPUs, no GPU)."""
-    script = tmp_path / "job.sbatch"
-    text = (ROOT / "launch" / "slurm.sbatch").read_text()
-    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line) + "\n")
     # $PYTHON as each srun task sees it: records the task's SLURM world, then runs the real interpreter.
-    ranks = tmp_path / "ranks"
-    ranks.mkdir()
-    python = tmp_path / "python"
-    python.write_text(f'#!/usr/bin/env bash\n'
-                      f'echo "$SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID" > "{ranks}/$SLURM_PROCID"\n'
-                      f'exec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
+    script, python, ranks = sbatch_job(tmp_path, "$SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $SLURM_JOB_ID")
     out = tmp_path / "slurm.out"
     env = {**os.environ, "PYTHON": str(python), "HF_HUB_OFFLINE": "1"}
     env.pop("MASTER_PORT", None)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny
-from helpers import twotower
+from helpers import sbatch_job, twotower
 
 pytestmark = pytest.mark.serial
 ROOT = Path(__file__).resolve().parents[2]
@@ -397,19 +397,10 @@ def test_sbatch_on_two_nodes_trains_like_torchrun_on_two_nodes(slurm, hosts, sha
     resolves), SLURM_PROCID/LOCALID/NODEID as on a cluster; the job reaches the metrics of the
     two-node torchrun job, and rank 0 alone writes summary.json."""
     folder, overrides = shared
-    script = tmp_path / "job.sbatch"
-    text = (ROOT / "launch" / "slurm.sbatch").read_text()
-    script.write_text("\n".join(line for line in text.splitlines() if "--gpus-per-node" not in line and "--cpus-per-task" not in line) + "\n")
     # $PYTHON as each task sees it: records the task's SLURM world and host; sbatch passes the
     # submitting host's TMPDIR to every task, so each takes its own node's temp folder back.
-    ranks = tmp_path / "ranks"
-    ranks.mkdir()
-    python = tmp_path / "python"
-    python.write_text(f'#!/usr/bin/env bash\n'
-                      f'echo "$SLURM_PROCID $SLURM_LOCALID $SLURM_NODEID $(hostname)" > "{ranks}/$SLURM_PROCID"\n'
-                      f'export TMPDIR="{hosts.folder}/$(hostname)/tmp"\n'
-                      f'exec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
+    script, python, ranks = sbatch_job(tmp_path, "$SLURM_PROCID $SLURM_LOCALID $SLURM_NODEID $(hostname)",
+                                       f'export TMPDIR="{hosts.folder}/$(hostname)/tmp"\n')
     out, run = tmp_path / "slurm.out", folder / "slurm-two-nodes"
     env = {**slurm, "PYTHON": str(python), "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
