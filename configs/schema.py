@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from twotower.configs.serving import ServingConfig
+from twotower.configs.stream import StreamConfig
 
 ITEM_MODES = ("id", "text", "id+text")
 
@@ -474,5 +475,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     seed: int = 0
     "Seed of model initialisation, sampling and shuffling."

@@ -8,6 +8,7 @@ The import root of the repository's top-level folders (the packaging maps each o
     twotower.datamodules   raw data -> WebDataset shards, and reading them back for training
     twotower.trainers      fit, evaluate, update, export, sweeps (needs `pip install twotower[train]`)
     twotower.serving       an exported model: its format, the index, the recommender, the HTTP server
+    twotower.streaming     the event stream that `serve` writes and `twotower learn` follows
 
 `python -m twotower` (or the `twotower` command) is the command line: `twotower --help`."""
 from importlib.metadata import PackageNotFoundError, version
