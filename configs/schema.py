@@ -410,6 +410,44 @@ class UpdateConfig:
 
 
 @dataclass
+class LearnConfig:
+    """`twotower learn`: keep training a checkpoint on the event stream (`stream.url`), continuously."""
+
+    dir: str = "${run.dir}/learn"
+    "The learner's folder: state.pt (weights, optimizer and the stream offsets, committed together) and the event and item tables it learnt from (events/, items/: Parquet parts that `prepare` reads)."
+    step_events: int = 256
+    "Most new events one step learns (fewer when the stream has fewer; a step waits for none)."
+    replay_fraction: float = 0.3
+    "Share of each step's sequences that replay older events of other users (against forgetting); a replayed sequence's targets are all older than the step's new events."
+    lr: Optional[float] = None
+    "Learning rate (null: trainer.lr); the optimizer starts fresh with trainer.warmup_steps, and continues across restarts."
+    commit_every_steps: int = 20
+    "Commit (state.pt + the tables learnt since, stream offsets included) after this many steps; a kill loses at most the steps since, which are learnt again from the stream on restart."
+    commit_every_s: float = 10.0
+    "... or after this many seconds, whichever comes first."
+    export_every_steps: int = 0
+    "Publish an export (to --export) after this many steps (0: by time only); an export commits first."
+    export_every_s: float = 30.0
+    "... or after this many seconds of learning (0: by steps only); `serve` on that folder swaps it in."
+    max_steps: int = 0
+    "Stop after this many steps (0: no limit)."
+    idle_exit_s: float = 0.0
+    "Stop after the stream has had no new record for this long (0: never: follow the stream until SIGTERM / SIGINT, which commit and stop)."
+
+    def __post_init__(self) -> None:
+        _check_positive("learn.step_events", self.step_events)
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"learn.replay_fraction={self.replay_fraction}: expected 0 <= x < 1")
+        if self.lr is not None:
+            _check_positive("learn.lr", self.lr)
+        _check_positive("learn.commit_every_steps", self.commit_every_steps)
+        for key in ("commit_every_s", "export_every_s", "idle_exit_s"):
+            _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
+        for key in ("export_every_steps", "max_steps"):
+            _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
+
+
+@dataclass
 class EvalConfig:
     """Full-catalogue ranking (docs/data.md)."""
 
@@ -474,6 +512,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     seed: int = 0

@@ -108,6 +108,26 @@ class ItemTower(nn.Module):
         self.lengths = lengths.to("cpu", torch.long)
         self.frozen_cache = None
 
+    def append_catalogue(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Items added after the catalogue was set (`twotower learn`): their token ids [n, T'] and
+        lengths; a frozen cache, when built, gets their rows (the frozen layers' output, computed for
+        these items only). Their ID embeddings are the caller's (an optimizer holds that table)."""
+        width = max(self.tokens.shape[1], tokens.shape[1])
+        def widened(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t.to("cpu", torch.int32), (0, width - t.shape[1]))
+        self.tokens = torch.cat([widened(self.tokens), widened(tokens)])
+        self.lengths = torch.cat([self.lengths, lengths.to("cpu", torch.long)])
+        if self.frozen_cache is not None:
+            was_training = self.encoder.training
+            self.encoder.eval()
+            with torch.no_grad():
+                rows = self._frozen_output(tokens.to(torch.int32), lengths.to(torch.long)).cpu()
+            self.encoder.train(was_training)
+            cache = self.frozen_cache
+            if not self.caches_pooled and rows.shape[1] != cache.shape[1]:  # hidden states [n, T, H]: pad the narrower
+                rows = torch.nn.functional.pad(rows, (0, 0, 0, cache.shape[1] - rows.shape[1]))
+            self.frozen_cache = torch.cat([torch.as_tensor(cache), rows.to(cache.dtype)])
+
     def _lengths_of(self, items: torch.Tensor) -> torch.Tensor:
         """Text lengths of `items`, on their device."""
         return self.lengths[items.cpu()].to(items.device)

@@ -78,12 +78,16 @@ class TwoTowerModule(pl.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Histories, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        positions = targets >= 0
-        loss = (self._full_loss if self.full_softmax else self._sampled_loss)(inputs, targets, positions)
-        self.log("train/loss", loss, prog_bar=True, batch_size=targets.shape[0])
+        loss = self.loss(*batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[1].shape[0])
         self._loss = loss.detach()  # checked for NaN/Inf once gradients are in (`_finite_step`)
         return loss
+
+    def loss(self, inputs: Histories, targets: torch.Tensor) -> torch.Tensor:
+        """The next-item softmax loss of a batch (targets -1: positions left out), over the full
+        catalogue or sampled candidates (`uses_full_softmax`)."""
+        positions = targets >= 0
+        return (self._full_loss if self.full_softmax else self._sampled_loss)(inputs, targets, positions)
 
     def _full_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Candidates: every item training may know; cold items stay out, as they do of sampled

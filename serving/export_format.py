@@ -57,9 +57,10 @@ class Exported:
     "The action values coded 1, 2, ... (the data's manifest.json `actions`)."
 
 
-def write_exported(out: str | Path, exported: Exported, checkpoint: str) -> Path:
+def write_exported(out: str | Path, exported: Exported, checkpoint: str, extra: dict | None = None) -> Path:
     """Write `exported` to a temporary sibling of `out`, then rename it into place (an existing
-    folder is replaced only once the new one is complete and on disk)."""
+    folder is replaced only once the new one is complete and on disk). `extra`: more fields for
+    export.json (`twotower learn` records the stream offsets the model has learnt up to)."""
     out = Path(out)
     with atomic_folder(out) as tmp:
         model, item_tower = exported.model, exported.model.item_tower
@@ -77,7 +78,7 @@ def write_exported(out: str | Path, exported: Exported, checkpoint: str) -> Path
         faiss.write_index(exported.index, str(tmp / "items.faiss"))
         meta = {"format_version": FORMAT_VERSION, "export_id": uuid.uuid4().hex, "checkpoint": str(Path(checkpoint).resolve()), "num_items": len(exported.item_ids),
                 "dim": int(exported.vectors.shape[1]), "mode": exported.cfg.model.mode, "index": type(exported.index).__name__,
-                "actions": exported.actions}
+                "actions": exported.actions, **(extra or {})}
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         for path in tmp.rglob("*"):  # readable by a serving user other than the exporter
             path.chmod(0o755 if path.is_dir() else 0o644)

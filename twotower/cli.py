@@ -16,7 +16,7 @@ from twotower.configs import ConfigError, load_config
 
 log = logging.getLogger("twotower")
 
-TRAINING_COMMANDS = ("prepare", "fit", "evaluate", "update", "export", "sweep", "compare")
+TRAINING_COMMANDS = ("prepare", "fit", "evaluate", "update", "learn", "export", "sweep", "compare")
 
 # name: (one-line help, description, examples)
 COMMANDS = {
@@ -49,6 +49,15 @@ COMMANDS = {
                "model on that window's users, and (with --export) replace the served export only if it improved.",
                ["twotower prepare --append data.since=1700000000",
                 "twotower update --checkpoint runs/default/checkpoints/best.ckpt --export runs/default/export"]),
+    "learn": ("follow the event stream and keep training a checkpoint on it, re-exporting as it goes",
+              "A continuous learner: read the events and items that `serve` (POST /events, POST /items) appends to the "
+              "stream (stream.url) from the last committed offset, train on each step's new events (plus a replay "
+              "share), add new items to the catalogue, commit weights and offsets together (learn.dir), and publish an "
+              "export to --export every learn.export_every_s, which a `serve` on that folder swaps in. Kill it at any "
+              "moment: it resumes from its last commit without losing or repeating an event. Under torchrun the "
+              "stream is split by user across the processes.",
+              ["twotower learn --checkpoint runs/default/checkpoints/best.ckpt --export runs/default/export stream.url=stream/",
+               "twotower learn --checkpoint runs/default/checkpoints/best.ckpt stream.url=redis://localhost:6379/0 learn.idle_exit_s=60"]),
     "export": ("checkpoint -> a folder with the towers, item vectors and a FAISS index",
                "Turn a checkpoint (ZeRO ones consolidated) into a self-contained folder that `serve` and `recommend` "
                "load without the training stack: the towers, the item encoder and tokenizer, the item vectors and a "
@@ -130,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` or `update` (config: its run folder's config.yaml unless -c)")
     update.add_argument("--out", help="run folder of the update (default: updates/round-N in the checkpoint's run folder)")
     update.add_argument("--export", metavar="DIR", help="re-export the updated model to DIR (a server on DIR swaps to it) if it beat the stale one")
+    learn = _command(commands, "learn")
+    _add_config_args(learn)
+    learn.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` or `update` (config: its run folder's config.yaml unless -c)")
+    learn.add_argument("--export", metavar="DIR", help="publish exports of the learning model to DIR (a server on DIR swaps to each)")
     export = _command(commands, "export")
     _add_config_args(export)
     export.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` (config: its run folder's config.yaml unless -c)")
@@ -171,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_files(args: argparse.Namespace) -> list[str]:
     """export and update read the run's config.yaml unless -c is given; recommend and serve start from the
     exported config.yaml; -c files merge over either."""
-    if args.command in ("export", "update") and not args.config:
+    if args.command in ("export", "update", "learn") and not args.config:
         run_config = Path(args.checkpoint).resolve().parent.parent / "config.yaml"
         return [str(run_config)] if run_config.is_file() else []
     if args.command in ("recommend", "serve"):
@@ -249,6 +262,11 @@ def _run(args: argparse.Namespace, cfg) -> int:
         _print_metrics(summary, {f"{name} (test_window)": f"{name}/test_window/" for name in ("stale", "updated", "popularity")},
                        cfg.eval.ks, note=f"window from t={window['since']:.0f} (round {window['round']}, "
                                          f"{window['new_users']} users with new events)\n")
+    elif args.command == "learn":
+        from twotower.trainers.learn import learn
+
+        summary = learn(cfg, args.checkpoint, args.export)
+        print(json.dumps({k: summary[k] for k in ("step", "commits", "items_added", "learnt", "skipped")}))
     elif args.command == "export":
         from twotower.trainers.export import export
 
