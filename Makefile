@@ -16,7 +16,7 @@ $(BIN)/twotower: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[train,scale,test,bench]"
+	$(BIN)/pip install --quiet -e ".[train,scale,stream,test,bench]"
 	touch $(BIN)/twotower
 
 install: $(BIN)/twotower
