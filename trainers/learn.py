@@ -328,6 +328,25 @@ class Learner:
         return {"step": self.step, "commits": self.commits, "offsets": self.offsets, "items": len(self.item_ids),
                 "items_added": len(self.new_items), "learnt": self.learnt, "skipped": dict(self.skips.counts)}
 
+    def learn_available(self) -> int:
+        """Learn everything on the stream now: the new items, then the new events, one step per
+        `learn.step_events`, until a read finds nothing; no waiting, commit or export (call
+        `commit()` / `publish()` for those). Returns the events learnt. For benchmarks and tests
+        that drive the learner step by step (bench/online.py)."""
+        learnt = 0
+        while True:
+            events_records, item_records = self._fetch()
+            self._take_items(item_records)
+            events = self._take_events(events_records)
+            if events:
+                before = {e.user_id: self.histories.length(e.user_id) for e in events}
+                self.train_step(events)
+                if self.rank == 0:
+                    self._remember(events, before)
+                learnt += len(events)
+            if not events_records and not item_records:
+                return learnt
+
     @torch.no_grad()
     def publish(self) -> Path | None:
         """Commit, then export the current model with the whole catalogue: every rank encodes its
