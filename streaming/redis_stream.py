@@ -39,14 +39,12 @@ def split_url(url: str) -> tuple[str, str, str]:
     """(URL for redis-py without `prefix`, prefix, URL to show in messages: no password)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in query if name == "prefix"), "twotower")
-    if not prefix:
-        raise StreamError(f"stream.url={url!r}: an empty ?prefix=")
     plain = urlunsplit(parts._replace(query=urlencode([(n, v) for n, v in query if n != "prefix"])))
     user, _, host = parts.netloc.rpartition("@")
-    if ":" in user:
-        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
-    shown = urlunsplit(parts)
+    shown = urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")) if ":" in user else url
+    prefix = next((value for name, value in query if name == "prefix"), "twotower")
+    if not prefix:
+        raise StreamError(f"stream.url={shown}: an empty ?prefix=")
     return plain, prefix, shown
 
 

@@ -326,7 +326,8 @@ def test_urls_that_cannot_be_opened_are_errors_that_name_them(tmp_path, monkeypa
     port = free_port()  # nothing listens there
     message = raises(lambda: open_stream(f"redis://:secret@127.0.0.1:{port}/0"), f"127.0.0.1:{port}", "connect", error=StreamError)
     assert "secret" not in message and ":***@" in message
-    raises(lambda: open_stream(f"redis://127.0.0.1:{port}/0?prefix="), "prefix", error=StreamError)
+    message = raises(lambda: open_stream(f"redis://u:secret@127.0.0.1:{port}/0?prefix="), "prefix", "u:***@", error=StreamError)
+    assert "secret" not in message
     monkeypatch.delitem(sys.modules, "twotower.streaming.redis_stream", raising=False)
     monkeypatch.setitem(sys.modules, "redis", None)
     raises(lambda: open_stream(f"redis://127.0.0.1:{port}/0"), "pip install 'twotower[stream]'", error=StreamError)
