@@ -19,6 +19,7 @@ EXPECTED = {
     "train_throughput.py": ["x naive", "+act_ckpt"],
     "update.py": ["NDCG@10 vs stale", "| full retrain |", "update kept:"],
     "serve.py": ["recall@10 user vectors", "goal p99"],
+    "online.py": ["| all | learner |", "NDCG@10 - stale", "events/s learnt", "Goals (issue 22):"],
 }
 
 
