@@ -26,6 +26,8 @@ class ServingConfig:
     "Most histories in one /recommend request."
     max_new_items: int = 1000
     "Most items in one /items request."
+    max_events: int = 1000
+    "Most events in one /events request."
     max_body_bytes: int = 1 << 20
     "Largest request body (bytes); a larger one gets 413 before it is read or parsed. Raise it for big /items batches."
     reload_interval_s: float = 2.0
@@ -37,7 +39,7 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         for key in ("hnsw_min_items", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                    "max_k", "max_history", "max_batch", "max_new_items", "max_body_bytes"):
+                    "max_k", "max_history", "max_batch", "max_new_items", "max_events", "max_body_bytes"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"serving.{key}={getattr(self, key)!r}: expected a positive number")
         if self.reload_interval_s < 0:

@@ -10,12 +10,16 @@ trained with the time-gap or action feature needs each history item's timestamp 
 `swap` replaces the served model and catalogue with a newer export (`twotower update --export`)
 while requests run: each request reads one `Served` snapshot from start to end, so it is answered
 wholly by the old model or wholly by the new, and none waits or fails. Items added live since the
-old export was loaded are re-embedded by the new model and carried over."""
+old export was loaded are re-embedded by the new model and carried over.
+
+With an event stream (`stream.url`), a new item is claimed in the stream (`Stream.claim_items`)
+before it is added, and items other writers claimed are added as the server reads them
+(`follow`, called by `serving.stream_items`); both count as added live."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +30,7 @@ from twotower.modules.item_text import item_texts, tokenize
 from twotower.serving.export_format import Exported
 from twotower.serving.item_index import DuplicateItemsError, ItemIndex
 
-__all__ = ["DuplicateItemsError", "Recommender", "UnknownItemsError"]
+__all__ = ["ClaimedItemsError", "DuplicateItemsError", "Recommender", "UnknownItemsError"]
 
 
 class UnknownItemsError(ValueError):
@@ -37,6 +41,17 @@ class UnknownItemsError(ValueError):
         shown = ", ".join(map(repr, unique[:20])) + (f" and {len(unique) - 20} more" if len(unique) > 20 else "")
         super().__init__(f"unknown item id(s): {shown}")
         self.item_ids = unique
+
+
+class ClaimedItemsError(ValueError):
+    """New items whose ids another writer of the stream claimed first (not added); `added`: the
+    other items of the request, which this server claimed and added."""
+
+    def __init__(self, item_ids: list[str], added: list[str]):
+        super().__init__(f"item id(s) already claimed in the stream by another writer: {', '.join(map(repr, item_ids[:20]))}"
+                         + (f" and {len(item_ids) - 20} more" if len(item_ids) > 20 else "")
+                         + (f"; the other {len(added)} item(s) of the request were added" if added else ""))
+        self.item_ids, self.added = item_ids, added
 
 
 def split_events(histories: list[list[str | dict]]) -> tuple[list[list[str]], list[list[float] | None], list[list[str] | None]]:
@@ -95,7 +110,7 @@ class Served:
     items: ItemIndex
 
     @classmethod
-    def of(cls, exported: Exported) -> "Served":
+    def of(cls, exported: Exported) -> Served:
         return cls(exported, ItemIndex(exported.item_ids, exported.vectors, exported.index))
 
 
@@ -176,13 +191,22 @@ class Recommender:
         temperature = cfg.model.loss.temperature
         return [[(item_id, score / temperature) for item_id, score in row] for row in results]
 
+    @property
+    def embeds_new_items(self) -> bool:
+        """Whether the served model can embed a new item (it reads text: mode text or id+text)."""
+        return self._served.exported.model.item_tower.uses_text
+
     @torch.inference_mode()
-    def add_items(self, records: list[dict[str, str]]) -> int:
+    def add_items(self, records: list[dict[str, str]], claim: Callable[[list[dict]], list[bool]] | None = None) -> int:
         """Embed new items (`item_id` plus text fields of `data.text_fields`) with the item tower,
         exactly as `prepare` and the tower see catalogue text, and append them to the index.
         Returns the new catalogue size. In id+text mode a new item has only its text vector (it
-        has no learned ID embedding yet); in id mode it cannot be embedded at all."""
-        if not self._served.exported.model.item_tower.uses_text:
+        has no learned ID embedding yet); in id mode it cannot be embedded at all.
+
+        `claim` (`Stream.claim_items`) is called once the items are valid and none is in the
+        catalogue (else DuplicateItemsError, nothing claimed): the items it claims are added, and
+        ClaimedItemsError names those another writer had claimed."""
+        if not self.embeds_new_items:
             raise ValueError("model.mode=id: new items have no learned embedding and no text tower; "
                              "they become recommendable after retraining")
         fields = list(self.cfg.data.text_fields)
@@ -196,10 +220,33 @@ class Recommender:
         problems += [f"item {name}: no text in any of {', '.join(fields)}" for name, text in zip(names, texts) if not text]
         if problems:
             raise ValueError("; ".join(problems[:20]))
-        with self._adding:
-            size = self._embed_and_add(self._served, records)
+        with self._adding:  # every add holds it: the catalogue cannot gain an id between this check and the add
+            with self.items.reading():
+                unknown = set(self.items.positions(ids)[1])
+            present = [i for i in ids if i not in unknown]
+            if present:
+                raise DuplicateItemsError(present)
+            refused = []
+            if claim is not None:
+                won = claim(records)
+                refused = [r["item_id"] for r, ok in zip(records, won) if not ok]
+                records = [r for r, ok in zip(records, won) if ok]
+            size = self._embed_and_add(self._served, records) if records else len(self.items)
             self._added += records
-            return size
+        if refused:
+            raise ClaimedItemsError(refused, [r["item_id"] for r in records])
+        return size
+
+    def follow(self, records: list[dict[str, str]]) -> list[str]:
+        """Add the items of `records` (valid ones, read from the stream's items log) that the
+        catalogue lacks: embedded and kept like items added live. Returns their ids."""
+        with self._adding:
+            with self.items.reading():
+                new = {r["item_id"]: r for r in records if self.items.positions([r["item_id"]])[1]}
+            if new:
+                self._embed_and_add(self._served, list(new.values()))
+                self._added += new.values()
+        return list(new)
 
     @staticmethod
     @torch.inference_mode()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,12 @@ class Server:
             raise AssertionError(f"the server ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
 
 
-def start_server(model: Path, log: Path, timeout: float = 300) -> Server:
+def start_server(model: Path, log: Path, timeout: float = 300, overrides: Sequence[str] = ()) -> Server:
+    """`twotower serve --model MODEL [key=value ...]` on a free port, once it answers /health."""
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "twotower", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1]],
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "twotower", "serve", "--model", str(model), "--port", url.rsplit(":", 1)[1],
+                                    *overrides], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -258,7 +260,8 @@ def test_id_mode_serves_but_refuses_new_items():
     exported = Exported(cfg=cfg, model=model, item_ids=["a", "b", "c", "d"], texts=["", "", "", ""], vectors=vectors,
                         index=build_index(vectors.numpy(), LIMITS), tokenizer=None)
     client = TestClient(build_app(Recommender(exported), LIMITS))
-    assert client.get("/health").json() == {"status": "ok", "items": 4, "mode": "id", "index": "IndexFlatIP", "export_id": "", "swaps": 0}
+    assert client.get("/health").json() == {"status": "ok", "items": 4, "mode": "id", "index": "IndexFlatIP", "export_id": "", "swaps": 0,
+                                           "stream": None, "items_offset": None}
     ranked = client.post("/recommend", json={"history": ["a", "b"], "k": 5}).json()["items"]
     assert sorted(r["item_id"] for r in ranked) == ["c", "d"]
     refused = client.post("/items", json={"items": [{"item_id": "e", "title": "new"}]})
