@@ -68,11 +68,13 @@ COMMANDS = {
                   "Print one JSON line per history: the top-K items and their scores.",
                   ["twotower recommend --model runs/default/export --history i00001,i00042 --k 5",
                    "twotower recommend --model runs/default/export --json histories.json"]),
-    "serve": ("HTTP JSON server: POST /recommend, POST /items, GET /health",
+    "serve": ("HTTP JSON server: POST /recommend, POST /items, POST /events, GET /health",
               "Serve an exported model over HTTP. POST /recommend {\"history\": [...], \"k\": 10}; POST /items adds "
               "items from their text without retraining; GET /health. The server follows the export folder and "
-              "swaps in a newer export (`update --export`) without a restart.",
+              "swaps in a newer export (`update --export`) without a restart. With stream.url, POST /events and "
+              "POST /items write to the event stream before they answer, and the server serves every item there.",
               ["twotower serve --model runs/default/export --port 8000",
+               "twotower serve --model runs/default/export stream.url=/var/lib/twotower/stream",
                "curl -s localhost:8000/recommend -d '{\"history\": [\"i00001\"], \"k\": 5}'"]),
     "sweep": ("run a W&B sweep file's trials locally (grid/random, resumable)",
               "Run the trials of a W&B sweep file as `twotower fit` runs on this machine (no W&B server needed); "
