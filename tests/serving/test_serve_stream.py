@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from twotower.configs import load_config
 from twotower.configs.serving import ServingConfig
 from twotower.modules.two_tower import TwoTower
 from twotower.serving.app import build_app
-from twotower.serving.export_format import Exported
+from twotower.serving.export_format import Exported, load_exported
 from twotower.serving.item_index import build_index
 from twotower.serving.recommender import Recommender
 from twotower.serving.stream_items import item_records
@@ -116,13 +117,19 @@ class Replicas:
             time.sleep(POLL_S / 2)
 
 
+@pytest.fixture(scope="module")
+def model(tiny_bert, tmp_path_factory) -> Path:
+    """The serving tests' exported model (trained once per session)."""
+    return exported_run(tiny(tiny_bert, tmp_path_factory.mktemp("run")), tmp_path_factory).model
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
-def replicas(request, tiny_bert, tmp_path_factory):
+def replicas(request, model, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"replicas-{request.param}")
-    run = exported_run(tiny(tiny_bert, folder), tmp_path_factory)
     url = new_stream_url(request.param, request, folder)
-    replicas = Replicas(request.param, url, run.model, folder, [], json.loads((run.model / "item_ids.json").read_text()))
-    replicas.servers += [replicas.start("a"), replicas.start("b")]
+    replicas = Replicas(request.param, url, model, folder, [], json.loads((model / "item_ids.json").read_text()))
+    with ThreadPoolExecutor(2) as pool:  # started side by side: each start mostly waits on its process
+        replicas.servers += pool.map(replicas.start, ["a", "b"])
     yield replicas
     for server in replicas.servers:
         server.stop()
@@ -291,6 +298,21 @@ def test_bad_bodies_get_a_4xx_naming_the_problem_and_write_nothing(replicas):
     with replicas.stream() as stream:
         assert not [r for r in everything(stream, "events") if r.body.get("user_id") == "bad-user"]
         assert not [r for r in everything(stream, "items") if str(r.body.get("item_id")).startswith("bad-")]
+
+
+@pytest.mark.slow
+def test_a_swap_carries_over_the_items_read_from_the_stream(model, tmp_path):
+    """They count as added live: a new export that lacks them gets them, re-embedded; one it has
+    (the export's own item, claimed in the stream too) is not added twice."""
+    item_ids = json.loads((model / "item_ids.json").read_text())
+    stream = open_stream(str(tmp_path / "stream"))
+    assert stream.claim_items([{"item_id": "streamed", "title": "quasar"}, {"item_id": item_ids[0], "title": "again"}]) == [True, True]
+    recommender = Recommender(load_exported(model))
+    with TestClient(build_app(recommender, LIMITS, stream=stream)) as client:
+        assert client.get("/health").json()["items"] == len(item_ids) + 1
+        assert recommender.swap(load_exported(model)) == 1
+        assert client.get("/health").json()["items"] == len(item_ids) + 1
+        assert client.post("/recommend", json={"history": ["streamed"], "k": 3}).status_code == 200
 
 
 def id_mode_export() -> Exported:
