@@ -10,7 +10,7 @@ does not close it early, which could reset the connection before the client read
 from __future__ import annotations
 
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 Message = dict
 Receive = Callable[[], Awaitable[Message]]

@@ -7,8 +7,8 @@ indexes are safe for concurrent searches but not for a search concurrent with `a
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import faiss
 import numpy as np

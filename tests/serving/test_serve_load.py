@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from exported_run import exported_run
 LIMITS = ServingConfig()  # the exported config keeps the defaults
 CONNECTIONS = (1, 8, 32)
 REQUESTS_PER_HALF = {1: 1000, 8: 2000, 32: 2000}  # x 2 halves = 10,000 requests
-WORDS = "comet orbit galaxy nebula telescope quasar pulsar eclipse meteor aurora".split()
+WORDS = ["comet", "orbit", "galaxy", "nebula", "telescope", "quasar", "pulsar", "eclipse", "meteor", "aurora"]
 
 
 @dataclass
@@ -230,7 +231,7 @@ def test_refusals_name_the_problem_even_when_the_input_cannot_be_echoed():
 
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of process `pid` in kB, and its thread count, from /proc/<pid>/status."""
-    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM", "Threads")}
 
 
