@@ -74,14 +74,15 @@ class Learner:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if cfg.stream.url is None:
             raise ValueError("twotower learn needs the event stream: set stream.url (a folder, or redis://HOST:PORT/DB)")
-        if self.world > 1:  # each rank's own candidates: the batches differ in size, and may be empty
-            cfg = replace(cfg, model=replace(cfg.model, loss=replace(cfg.model.loss, local_loss=True)))
         self.cfg, self.checkpoint = cfg, str(Path(checkpoint).resolve())
         self.export_to = Path(export_to) if export_to else None
         self.dir = Path(cfg.learn.dir)
         self.stream = open_stream(cfg.stream.url, cfg.stream.segment_bytes) if self.rank == 0 else None
         data = ShardDataModule(cfg)
         self.module: TwoTowerModule = load_module(checkpoint, data, cfg, new_items=True).train()
+        if self.world > 1:  # each rank's own candidates: the batches differ in size, and may be empty
+            model = self.module.cfg.model
+            self.module.cfg = replace(self.module.cfg, model=replace(model, loss=replace(model.loss, local_loss=True)))
         if self.world > 1 and self.module.full_softmax and self.module.model.item_tower.encodes_items:
             raise ValueError("twotower learn under several processes needs model.loss.candidates=sampled with a trainable encoder")
         self.model_cfg = self.module.cfg
@@ -166,7 +167,8 @@ class Learner:
             tower.append_catalogue(torch.zeros(added, 1, dtype=torch.int32), torch.zeros(added, dtype=torch.long))
         if tower.id_embedding is not None:
             old = tower.id_embedding.weight
-            fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std)
+            seeded = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + n)  # the same rows in a rerun
+            fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std, generator=seeded)
             grown = nn.Parameter(torch.cat([old.detach(), fresh]))
             tower.id_embedding.weight, tower.id_embedding.num_embeddings = grown, n + added
             for group in self.optimizer.param_groups:
@@ -307,8 +309,11 @@ class Learner:
         number = self.commits + 1
         if self.rank == 0:
             if self.pending_events:
+                table = pd.DataFrame(self.pending_events)
+                if table["event"].isna().all():  # no action column, as in prepared data without one
+                    table = table.drop(columns="event")
                 with atomic_file(self.dir / "events" / f"part-c{number:06d}.parquet") as tmp:
-                    pd.DataFrame(self.pending_events).to_parquet(tmp)
+                    table.to_parquet(tmp)
             if self.pending_items:
                 with atomic_file(self.dir / "items" / f"part-c{number:06d}.parquet") as tmp:
                     pd.DataFrame(self.pending_items).to_parquet(tmp)
