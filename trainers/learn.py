@@ -1,4 +1,4 @@
-"""`twotower learn`: a continuous learner. It follows the event stream (`stream.url`) from the
+"""`twotower learn` (docs/learn.md): a continuous learner. It follows the event stream (`stream.url`) from the
 offsets it last committed and keeps training a checkpoint on what users do now:
 
     twotower learn --checkpoint runs/x/checkpoints/best.ckpt --export runs/x/export stream.url=/srv/stream
