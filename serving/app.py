@@ -240,10 +240,10 @@ def serve(cfg: Config, model_dir: str | Path, host: str, port: int, limits: Serv
         torch.set_num_threads(limits.torch_threads)
     if limits.search_threads:
         faiss.omp_set_num_threads(limits.search_threads)
-    recommender = Recommender(load_exported(model_dir, cfg))
-    stream = open_stream(cfg.stream.url, cfg.stream.segment_bytes) if cfg.stream.url else None
+    stream = open_stream(cfg.stream.url, cfg.stream.segment_bytes) if cfg.stream.url else None  # first: a bad one fails fast
     try:
-        app = build_app(recommender, limits, watch=model_dir, stream=stream, poll_interval_s=cfg.stream.poll_interval_s)
+        app = build_app(Recommender(load_exported(model_dir, cfg)), limits, watch=model_dir, stream=stream,
+                        poll_interval_s=cfg.stream.poll_interval_s)
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:
         if stream:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from twotower import __version__
 from twotower.configs import ConfigError, load_config
+from twotower.streaming.base import StreamError
 
 log = logging.getLogger("twotower")
 
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as exc:
         print(f"twotower {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 1
+    except StreamError as exc:  # stream.url cannot be opened, read or written
+        print(f"twotower {args.command}: stream error: {exc}", file=sys.stderr)
         return 1
 
 

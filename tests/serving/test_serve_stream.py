@@ -25,6 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from test_serve import Server, start_server
 
+from twotower.cli import main
 from twotower.configs import load_config
 from twotower.configs.serving import ServingConfig
 from twotower.modules.two_tower import TwoTower
@@ -313,6 +314,12 @@ def test_a_swap_carries_over_the_items_read_from_the_stream(model, tmp_path):
         assert recommender.swap(load_exported(model)) == 1
         assert client.get("/health").json()["items"] == len(item_ids) + 1
         assert client.post("/recommend", json={"history": ["streamed"], "k": 3}).status_code == 200
+
+
+def test_a_stream_that_cannot_be_opened_stops_serve_with_a_message(capsys):
+    old_export = Path(__file__).resolve().parents[1] / "data" / "v0.1.0" / "export"
+    assert main(["serve", "--model", str(old_export), f"stream.url=redis://127.0.0.1:{free_port()}/0"]) == 1
+    assert "twotower serve: stream error: Redis stream redis://127.0.0.1:" in capsys.readouterr().err
 
 
 def id_mode_export() -> Exported:
