@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--approaches", default=",".join(APPROACHES), help="comma-separated subset of " + ",".join(APPROACHES))
     parser.add_argument("--retrain", action=argparse.BooleanOptionalAction, default=None,
                         help="run the full retrain (default: on the built-in data only)")
+    parser.add_argument("--max-windows", type=int, help="stop after this many windows (for choosing settings on the first ones)")
+    parser.add_argument("--reuse", action="store_true", help="reuse the stale fit already in --out (for choosing settings)")
     parser.add_argument("--freshness", action="store_true", help="also run the serve + learn freshness part")
     parser.add_argument("--freshness-only", action="store_true")
     parser.add_argument("--freshness-s", type=float, default=90.0)
@@ -270,7 +272,7 @@ def run_windows(args, work: Path) -> dict | None:
     import torch
 
     from twotower.configs import load_config
-    from twotower.datamodules.prepare import prepare_append
+    from twotower.datamodules.prepare import prepare, prepare_append
     from twotower.trainers.fit import fit
     from twotower.trainers.update import update
 
@@ -301,6 +303,9 @@ def run_windows(args, work: Path) -> dict | None:
         known = set(events["item_id"][:stop])
         ev, it = write_tables(events[:stop], items, known, work / "tables", name)
         run = work / "runs" / name
+        if args.reuse and name == "stale" and (run / "checkpoints" / "best.ckpt").is_file():
+            print(f"reusing the stale fit in {run}")
+            return run / "config.yaml", str(run / "checkpoints" / "best.ckpt")
         fit(load_config([], fit_overrides + [f"data.interactions={ev}", f"data.items={it}", f"data.dir={work / 'data' / name}",
                                              f"run.dir={run}", f"trainer.max_epochs={args.epochs}"]))
         return run / "config.yaml", str(run / "checkpoints" / "best.ckpt")
@@ -308,6 +313,11 @@ def run_windows(args, work: Path) -> dict | None:
     meters = {a: Meter() for a in APPROACHES}
     with meters["stale"]:
         stale_config, stale_ckpt = fit_on(t0, "stale")
+    cost_file = work / "runs" / "stale" / "bench_cost.json"
+    if args.reuse and cost_file.is_file():
+        meters["stale"].cpu, meters["stale"].wall = json.loads(cost_file.read_text())
+    else:
+        cost_file.write_text(json.dumps([meters["stale"].cpu, meters["stale"].wall]))
     print(f"stale model: {meters['stale'].wall:.0f} s wall, {meters['stale'].cpu:.0f} s CPU", flush=True)
     scorers: dict[str, object] = {}
     streams = work / "streams"
@@ -323,7 +333,9 @@ def run_windows(args, work: Path) -> dict | None:
     periodic_ckpt = stale_ckpt
     windows, learnt_wall = [], {a: 0.0 for a in APPROACHES}
     per_event: dict[str, list[np.ndarray]] = {a: [] for a in approaches}
-    for w in range(args.windows):
+    periodic_dir = [f"data.dir={work / 'data' / 'periodic'}"]  # the stale data, then each window appended
+    last = min(args.windows, args.max_windows or args.windows)
+    for w in range(last):
         start, stop = edges[w], edges[w + 1]
         positions = np.arange(start, stop)
         positions = positions[timeline.rank_in_user[positions] > 0]  # a user with no earlier event: skipped
@@ -364,25 +376,26 @@ def run_windows(args, work: Path) -> dict | None:
             row[name] = r
         windows.append(row)
         print(f"window {w + 1}: " + ", ".join(f"{n} NDCG@10 {r['ndcg'].mean():.4f}" for n, r in results.items()), flush=True)
-        if w + 1 == args.windows:
+        if w + 1 == last:
             break
         # The batch approaches learn the window that just ended, for the next one.
         window_events = events[start:stop]
         known_now = set(events["item_id"][:stop])
         if "periodic" in approaches:
             ev, it = write_tables(window_events, items, known_now, work / "tables", f"window{w + 1}")
-            base = load_config([stale_config], [f"data.interactions={ev}", f"data.items={it}"])
+            if w == 0:  # a copy of the stale model's prepared data (there already in a live system: not counted)
+                prepare(load_config([stale_config], periodic_dir))
             with meters["periodic"]:
                 began = time.perf_counter()
-                prepare_append(base)
-                summary = update(load_config([stale_config], [f"update.epochs={args.update_epochs}"]), periodic_ckpt,
+                prepare_append(load_config([stale_config], [*periodic_dir, f"data.interactions={ev}", f"data.items={it}"]))
+                summary = update(load_config([stale_config], [*periodic_dir, f"update.epochs={args.update_epochs}"]), periodic_ckpt,
                                  work / "runs" / f"update{w + 1}")
                 learnt_wall["periodic"] += time.perf_counter() - began
             if summary["kept"] == "updated":
                 periodic_ckpt = summary["best_checkpoint"]
             row["update kept"] = summary["kept"]
             scorers["periodic"] = make_learner(stale_config, periodic_ckpt, streams / f"periodic-{w + 1}",
-                                               work / "learn" / f"periodic-{w + 1}", learn_overrides)
+                                               work / "learn" / f"periodic-{w + 1}", [*learn_overrides, *periodic_dir])
         if "retrain" in approaches:
             with meters["retrain"]:
                 began = time.perf_counter()
@@ -391,14 +404,14 @@ def run_windows(args, work: Path) -> dict | None:
             scorers["retrain"] = make_learner(config, ckpt, streams / f"retrain-{w + 1}", work / "learn" / f"retrain-{w + 1}",
                                               learn_overrides)
         print(f"  after window {w + 1}: " + ", ".join(f"{a} CPU {meters[a].cpu:.0f} s" for a in approaches), flush=True)
-    learnt_events = {"learner": len(events) - t0, "periodic": edges[-2] - t0, "retrain": edges[-2] - t0}
+    learnt_events = {"learner": edges[last] - t0, "periodic": edges[last - 1] - t0, "retrain": edges[last - 1] - t0}
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "config": fit_overrides + learn_overrides, "approaches": approaches, "edges": edges,
             "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "lr")}
             | {"trainer.lr": learner.cfg.trainer.lr},
             "windows": windows, "per_event": per_event,
             "cpu": {a: meters[a].cpu for a in APPROACHES}, "wall": {a: meters[a].wall for a in APPROACHES},
-            "learnt_wall": learnt_wall, "learnt_events": learnt_events}
+            "learnt_wall": learnt_wall, "learnt_events": learnt_events, "stale": (stale_config, stale_ckpt)}
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -506,16 +519,18 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0)
         return json.loads(response.read() or b"{}")
 
 
-def freshness(args, work: Path, config_file: Path | None, checkpoint: str | None) -> dict:
-    """serve + learn as subprocesses on one folder stream; events POSTed at `args.rate`/s."""
+def freshness(args, work: Path, stale: tuple[Path, str] | None) -> dict:
+    """serve + learn as subprocesses on one folder stream, the stale model (fitted here when
+    `stale` is None) as the learner's start; the timeline's events after T0 are POSTed at
+    `args.rate`/s (their new items POSTed to /items first), and sampled events are followed until
+    an export includes them and the server names that export (or a later one) in GET /health."""
     import socket
 
     from twotower.configs import load_config
 
-    if checkpoint is None:  # a model of its own: the stale fit on the built-in data
-        args_copy = argparse.Namespace(**{**vars(args), "data": "synthetic"})
-        events, items, extra = load_timeline(args_copy, work)
-        cut = int(args.cut * len(events))
+    events, items, extra = load_timeline(argparse.Namespace(**{**vars(args), "data": "synthetic"}), work)
+    cut = int(np.searchsorted(events["timestamp"].to_numpy(), events["timestamp"].iloc[int(args.cut * len(events))]))
+    if stale is None:
         known = set(events["item_id"][:cut])
         ev, it = write_tables(events[:cut], items, known, work / "tables", "fresh")
         run = work / "runs" / "fresh"
@@ -524,11 +539,12 @@ def freshness(args, work: Path, config_file: Path | None, checkpoint: str | None
         fit(load_config([], [f"model.mode={args.mode}", "data.source=table", *BENCH_CONFIG, *extra,
                              *[o for o in args.overrides if not o.startswith(("learn.", "stream."))],
                              f"data.interactions={ev}", f"data.items={it}", f"data.dir={work / 'data' / 'fresh'}",
-                             f"run.dir={run}", f"trainer.max_epochs={1 if args.quick else args.epochs}"]))
-        config_file, checkpoint = run / "config.yaml", str(run / "checkpoints" / "best.ckpt")
-        late = events[cut:]
-    else:
-        late = None
+                             f"run.dir={run}", f"trainer.max_epochs={args.epochs}"]))
+        stale = (run / "config.yaml", str(run / "checkpoints" / "best.ckpt"))
+    config_file, checkpoint = stale
+    fields = load_config([config_file]).data.text_fields
+    items_by_id = items.set_index("item_id").to_dict("index")
+    late = events[cut:]
     stream, export_dir = work / "fresh-stream", work / "fresh-export"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -537,23 +553,23 @@ def freshness(args, work: Path, config_file: Path | None, checkpoint: str | None
     learn_log, serve_log = open(work / "fresh-learn.log", "w"), open(work / "fresh-serve.log", "w")  # noqa: SIM115 (closed in finally)
     cli = [sys.executable, "-m", "twotower"]
     learn_overrides = [o for o in args.overrides if o.startswith("learn.")]
-    # The learner exports once before the server starts (it needs a model to serve): the first event
-    # posted below starts its clock; the learner runs on with its configured export period.
     learner = subprocess.Popen([*cli, "learn", "-c", str(config_file), "--checkpoint", checkpoint, "--export", str(export_dir),
-                                f"stream.url={stream}", f"learn.dir={work / 'fresh-learn'}", "learn.export_every_s=5",
-                                "learn.commit_every_s=5", *learn_overrides], stdout=learn_log, stderr=subprocess.STDOUT, env=env)
+                                f"stream.url={stream}", f"learn.dir={work / 'fresh-learn'}", *learn_overrides],
+                               stdout=learn_log, stderr=subprocess.STDOUT, env=env)
     server = None
     try:
         from twotower.streaming import open_stream
 
-        users = sorted(set(late["user_id"])) if late is not None else [f"u{i:05d}" for i in range(1, 100)]
-        with open_stream(str(stream)) as s:  # one priming event so the learner exports a first model
-            s.append_events([{"user_id": users[0], "item_id": str(late["item_id"].iloc[0]), "timestamp": float(late["timestamp"].iloc[0])}])
+        # One priming event so that the learner publishes a first export for the server to start on.
+        first = late.iloc[0]
+        with open_stream(str(stream)) as s:
+            s.append_events([{"user_id": first["user_id"], "item_id": first["item_id"], "timestamp": float(first["timestamp"])}])
         deadline = time.time() + 600
-        while not (export_dir / "export.json").is_file() and not (export_dir / "current").exists():
+        while read_export_meta(export_dir) is None:
             if learner.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the learner exported nothing; see {work / 'fresh-learn.log'}")
             time.sleep(0.5)
+        known = set(json.loads((export_dir / "item_ids.json").read_text()))
         server = subprocess.Popen([*cli, "serve", "--model", str(export_dir), "--port", str(port), f"stream.url={stream}",
                                    "serving.reload_interval_s=1"], stdout=serve_log, stderr=subprocess.STDOUT, env=env)
         base = f"http://127.0.0.1:{port}"
@@ -563,33 +579,40 @@ def freshness(args, work: Path, config_file: Path | None, checkpoint: str | None
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the server did not start; see {work / 'fresh-serve.log'}")
+                    raise RuntimeError(f"the server did not start; see {work / 'fresh-serve.log'}") from None
                 time.sleep(0.5)
-        samples, pending = [], []
-        rows = late.iloc[1:].to_dict("records") if late is not None else []
-        started, sent = time.time(), 0
-        duration = 10.0 if args.quick else args.freshness_s
+        samples, pending, new_items = [], [], 0
+        rows = late.iloc[1:].to_dict("records")
+        started, sent, checked = time.time(), 0, 0.0
+        duration = args.freshness_s
         sample_every = max(1, int(args.rate * 2))  # one sampled event every ~2 s
-        while time.time() - started < duration:
+        while time.time() - started < duration and sent < len(rows):
             due = int((time.time() - started) * args.rate) + 1
             while sent < due and sent < len(rows):
                 r = rows[sent]
+                if r["item_id"] not in known:  # a new item: POST /items first, as a shop would
+                    http("POST", base + "/items", {"items": item_records(items_by_id, [r["item_id"]], fields)})
+                    known.add(r["item_id"])
+                    new_items += 1
                 posted = time.time()
-                answer = http("POST", base + "/events", {"events": [{"user_id": r["user_id"], "item_id": str(r["item_id"]),
+                answer = http("POST", base + "/events", {"events": [{"user_id": r["user_id"], "item_id": r["item_id"],
                                                                     "timestamp": float(r["timestamp"])}]})
                 if sent % sample_every == 0:
-                    offsets = answer.get("offsets") or [answer.get("offset")]
-                    pending.append({"posted": posted, "offset": offsets[-1]})
+                    pending.append({"posted": posted, "offset": answer["offsets"][-1]})
                 sent += 1
-            check_exports(export_dir, base, pending, samples)
-            time.sleep(0.02)
+            if time.time() - checked >= 0.2:
+                check_exports(export_dir, base, pending, samples)
+                checked = time.time()
+            time.sleep(0.01)
         achieved = sent / (time.time() - started)
         wait_until = time.time() + 180
         while pending and time.time() < wait_until:
             check_exports(export_dir, base, pending, samples)
             time.sleep(0.2)
-        return {"rate": achieved, "posted": sent, "sampled": len(samples) + len(pending), "lost": len(pending),
-                "exported": [s["exported"] for s in samples], "served": [s["served"] for s in samples if s.get("served") is not None]}
+        return {"rate": achieved, "posted": sent, "duration_s": duration, "new_items": new_items, "sampled": len(samples) + len(pending),
+                "lost": len(pending), "exported": [s["exported"] for s in samples], "served": [s["served"] for s in samples],
+                "learn": {k: v for k, v in load_config([config_file], learn_overrides).learn.__dict__.items()
+                          if k in ("step_events", "export_every_s", "export_every_steps", "commit_every_s")}}
     finally:
         for proc in (server, learner):
             if proc is not None and proc.poll() is None:
@@ -661,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         from helpers import save_tiny_bert
 
         tiny = save_tiny_bert(Path(tempfile.gettempdir()) / "twotower-online-tiny-bert")
-        args.epochs, args.update_epochs, args.windows = 1, 1, 2
+        args.epochs, args.update_epochs, args.windows, args.freshness_s = 1, 1, 2, 10.0
         args.overrides = ["data.synthetic.num_users=200", "data.synthetic.num_items=80", "data.max_len=20",
                           f"model.item.encoder={tiny}", "learn.step_events=128", "data.max_text_len=16", *args.overrides]
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-online-"))
@@ -674,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         table = report(result, out)
     if args.freshness or args.freshness_only:
-        fresh = freshness(args, work, None, None)
+        fresh = freshness(args, work, result["stale"] if result else None)
     print_report(args, result, table, fresh, out)
     return 0
 
@@ -705,8 +728,8 @@ def print_report(args, result, table, fresh, out: Path) -> None:
                  "windows": [{k: v for k, v in w.items() if k not in result["approaches"] and k != "targets_new"} for w in result["windows"]]}
     if fresh is not None:
         print(f"\nFreshness: serve + learn on one folder stream, POST /events at {fresh['rate']:.1f} events/s for "
-              f"{10.0 if args.quick else args.freshness_s:.0f} s ({fresh['posted']} events); {fresh['sampled']} sampled events, "
-              f"{fresh['lost']} not served by the end")
+              f"{fresh['duration_s']:.0f} s ({fresh['posted']} events); {fresh['sampled']} sampled events, "
+              f"{fresh['lost']} not served by the end; {fresh['new_items']} new items POSTed to /items first; learner {fresh['learn']}")
         rows = []
         for name in ("exported", "served"):
             v = fresh[name]

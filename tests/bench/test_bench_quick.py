@@ -27,7 +27,7 @@ EXPECTED = {
 @pytest.mark.parametrize("bench", sorted(EXPECTED))
 def test_quick_run_prints_its_table(bench, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "TMPDIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--quick"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--quick"], check=False, cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for text in EXPECTED[bench]:
