@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import save_tiny_bert
+from helpers import REDIS_SERVER, free_port, save_tiny_bert, start_redis, stop_redis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -39,3 +39,16 @@ def tiny(tiny_bert: str, folder: Path) -> list[str]:
 @pytest.fixture
 def tiny_overrides(tiny_bert, tmp_path) -> list[str]:
     return tiny(tiny_bert, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> str:
+    """redis://127.0.0.1:PORT/0 of a real redis-server shared by a test module (each test takes a
+    key prefix of its own: ?prefix=...); skips where redis-server or redis-py is missing."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it): the Redis backend is not tested")
+    pytest.importorskip("redis", reason="redis-py is missing: pip install 'twotower[stream]'")
+    port = free_port()
+    server = start_redis(tmp_path_factory.mktemp("redis"), port)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(server)

@@ -1,12 +1,16 @@
 """What several test files share: the real command line in a subprocess, a free port, an error
-check, and the tiny random BERT (also used by bench/serve.py)."""
+check, the tiny random BERT (also used by bench/serve.py), and a real redis-server."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 "The public data sets beside the repository (../shared/data), which it may not redistribute; tests that read them skip where they are missing."
@@ -82,3 +86,35 @@ def sbatch_job(folder: Path, record: str, setup: str = "") -> tuple[Path, Path, 
     python.chmod(0o755)
     return script, python, ranks
 
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(folder: Path, port: int) -> subprocess.Popen:
+    """A real redis-server on 127.0.0.1:`port`, durable as the Redis backend asks (append-only file
+    in `folder`, fsync on every write), once it answers PING."""
+    with open(folder / "redis.log", "ab") as log:
+        server = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                                   "--appendfsync", "always", "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not answers_ping(port):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"redis-server did not start:\n{(folder / 'redis.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    return server
+
+
+def stop_redis(server: subprocess.Popen) -> None:
+    server.kill()
+    server.wait()

@@ -46,7 +46,14 @@ from twotower.serving.export_format import Exported, write_exported
 from twotower.serving.item_index import build_index
 from twotower.streaming import Record, open_stream
 from twotower.trainers.evaluate import load_module
-from twotower.trainers.stream_records import Event, SkipLog, Skipped, UserHistories, parse_event, parse_item
+from twotower.trainers.stream_records import (
+    Event,
+    SkipLog,
+    Skipped,
+    UserHistories,
+    parse_event,
+    parse_item,
+)
 
 log = logging.getLogger("twotower.learn")
 
@@ -378,7 +385,7 @@ class Learner:
     def run(self) -> dict:
         lc = self.cfg.learn
         stop = {"now": False}
-        def request_stop(signum, frame):  # noqa: ARG001
+        def request_stop(signum, frame):
             stop["now"] = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, request_stop)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -44,33 +42,6 @@ LIMITS = ServingConfig()
 BACKENDS = ["dir", "redis"]
 POLL_S = 0.2
 "The servers' stream.poll_interval_s."
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a free port, durable as the Redis backend asks (append-only file,
-    fsync on every write)."""
-    binary = shutil.which("redis-server") or shutil.which("/usr/bin/redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server): the Redis backend is not tested")
-    folder, port = tmp_path_factory.mktemp("redis"), free_port()
-    with open(folder / "redis.log", "w") as out:
-        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                                    "--appendfsync", "always", "--dir", str(folder)], stdout=out, stderr=subprocess.STDOUT)
-    client, deadline = redis.Redis(port=port), time.monotonic() + 30
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"redis-server did not start:\n{(folder / 'redis.log').read_text()[-2000:]}") from None
-            time.sleep(0.1)
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def new_stream_url(backend: str, request: pytest.FixtureRequest, folder: Path) -> str:

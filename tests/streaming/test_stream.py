@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import threading
-import time
 import uuid
 from itertools import pairwise
 from pathlib import Path
@@ -20,52 +16,11 @@ import pytest
 
 from twotower.streaming import StreamError, open_stream
 
-from helpers import free_port, raises
+from helpers import REDIS_SERVER, free_port, raises, start_redis, stop_redis
 
-REDIS_SERVER = shutil.which("redis-server")
 SEGMENT_BYTES = 4096
 "Small enough that the multi-process cases roll segments many times."
 spawn = multiprocessing.get_context("spawn")
-
-
-def answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_redis(folder: Path, port: int) -> subprocess.Popen:
-    """redis-server on 127.0.0.1:`port`, its append-only file in `folder`, once it answers PING."""
-    with open(folder / "redis.log", "ab") as log:
-        server = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                                   "--appendfsync", "always", "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not answers_ping(port):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"redis-server did not start:\n{(folder / 'redis.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-    return server
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.kill()
-    server.wait()
-
-
-@pytest.fixture(scope="module")
-def redis_port(tmp_path_factory):
-    """The port of a redis-server shared by this module's tests (each uses its own key prefix)."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
-    pytest.importorskip("redis", reason="redis-py is missing: pip install 'twotower[stream]'")
-    port = free_port()
-    server = start_redis(tmp_path_factory.mktemp("redis"), port)
-    yield port
-    stop(server)
 
 
 @pytest.fixture(params=["dir", "redis"])
@@ -73,7 +28,7 @@ def url(request, tmp_path) -> str:
     """A new, empty stream of each backend."""
     if request.param == "dir":
         return f"dir:{tmp_path / 'stream'}"
-    return f"redis://127.0.0.1:{request.getfixturevalue('redis_port')}/0?prefix=test-{uuid.uuid4().hex[:12]}"
+    return f"{request.getfixturevalue('redis_url')}?prefix=test-{uuid.uuid4().hex[:12]}"
 
 
 def opened(url: str):
@@ -346,11 +301,11 @@ def test_redis_keeps_every_returned_append_across_a_kill(tmp_path):
             offsets = stream.append_events([event("u", i) for i in range(50)])
             stream.claim_items([{"item_id": "a"}])
     finally:
-        stop(server)
+        stop_redis(server)
     server = start_redis(tmp_path, port)
     try:
         with open_stream(f"redis://127.0.0.1:{port}/0") as stream:
             assert [r.offset for r in stream.read("events")] == offsets
             assert stream.claim_items([{"item_id": "a"}]) == [False]
     finally:
-        stop(server)
+        stop_redis(server)
