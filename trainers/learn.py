@@ -113,6 +113,8 @@ class Learner:
         self.pending_events: list[dict] = []
         self.pending_items: list[dict] = []
         self._resume()
+        self.own_users = [u for u in self.histories.users() if user_rank(u, self.world) == self.rank]
+        "The users this rank trains, in order of their first interaction (replay draws from them)."
 
     # ---- start-up -----------------------------------------------------------------------------
     def _load_prepared(self, data: ShardDataModule) -> None:
@@ -248,6 +250,8 @@ class Learner:
                 self.histories.add(user, e.item, e.time, e.code)
             if user_rank(user, self.world) != self.rank:
                 continue
+            if before == 0:
+                self.own_users.append(user)
             first = max(before, 1)  # position of the first new target
             end = before + len(new)
             for start in range(first, end, max_len):
@@ -256,18 +260,12 @@ class Learner:
                 targets += stop - start
         replay_share = self.cfg.learn.replay_fraction
         replays = math.ceil(len(mine) * replay_share / (1 - replay_share)) if mine else 0
-        replayed, old = 0, [u for u in self._replay_users if self.histories.length(u) >= 2 and u not in by_user]
+        replayed, old = 0, [u for u in self.own_users if u not in by_user and self.histories.length(u) >= 2]
         for user in (old[i] for i in rng.choice(len(old), min(replays, len(old)), replace=False)) if old else ():
             end = int(rng.integers(2, self.histories.length(user) + 1))
             mine.append(self.histories.sequence(user, end, max_len + 1, 1))
             replayed += mine[-1][0].shape[0] - 1 - mine[-1][3]
         return mine, targets, replayed
-
-    @property
-    def _replay_users(self) -> list[str]:
-        if not hasattr(self, "_users_cache") or len(self._users_cache) != len(self.histories):
-            self._users_cache = [u for u in self.histories.users() if user_rank(u, self.world) == self.rank]
-        return self._users_cache
 
     def train_step(self, events: list[Event]) -> float:
         """One optimizer step on `events` (plus replay); returns this rank's loss (nan: no sequences)."""
