@@ -174,15 +174,19 @@ class SplitConfig:
     min_interactions: int = 3
     "Users with fewer interactions are dropped."
     cold_item_fraction: float = 0.0
-    "Share of items held out of training entirely; the `cold` split ranks them for users who touched one."
+    "Share of items held out of training entirely; `cold_valid` and `cold` rank them for users who touched one."
+    cold_valid_share: float = 0.5
+    "Share of the held-out items whose cases form `cold_valid` (for choosing settings); the rest form `cold` (for reporting)."
     seed: int = 0
-    "Seed of the cold-item draw."
+    "Seed of the cold-item draw (and of its cut into cold_valid and cold)."
 
     def __post_init__(self) -> None:
         if self.min_interactions < 3:
             raise ValueError("split.min_interactions: expected >= 3 (train, valid and test each need one event)")
         if not 0.0 <= self.cold_item_fraction < 1.0:
             raise ValueError(f"split.cold_item_fraction={self.cold_item_fraction}: expected 0 <= x < 1")
+        if not 0.0 <= self.cold_valid_share <= 1.0:
+            raise ValueError(f"split.cold_valid_share={self.cold_valid_share}: expected 0 <= x <= 1")
 
 
 @dataclass

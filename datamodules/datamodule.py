@@ -257,6 +257,8 @@ class ShardDataModule(pl.LightningDataModule):
         (0: all), those at positions rank, rank + W, ... Every case is read and checked, but only
         the rank's share is kept, so a rank's memory for evaluation is 1/W of the split's."""
         key = (split, rank, world_size, limit)
+        if split not in self.urls:
+            raise DataError(self.missing_split(split))
         if key not in self._cases:
             reader = split_reader(split, self.faults, self.expected, self.num_items)
             mine, total = [], 0
@@ -269,6 +271,16 @@ class ShardDataModule(pl.LightningDataModule):
             self._cases[key] = (mine, total)
         return self._cases[key]
 
+    def missing_split(self, split: str) -> str:
+        """Why the prepared folder has no `split`: the message to stop with."""
+        if split == "cold_valid":
+            return (f"{self.folder}: no cold_valid split: prepared before the held-out items were cut into cold_valid and "
+                    "cold (all held-out items' cases are in cold); prepare it again (twotower prepare --force) to cut them "
+                    "(split.cold_valid_share)")
+        if split.endswith("_window"):
+            return f"{self.folder}: no {split} split: it comes with `twotower prepare --append` (data.since=<start of the window>)"
+        return f"{self.folder}: no {split} split (manifest.json lists {', '.join(sorted(self.urls))})"
+
     def _limit(self, split: str) -> int:
         return self.cfg.trainer.limit_val_users if split in ("valid", "valid_window") else 0
 
@@ -276,7 +288,7 @@ class ShardDataModule(pl.LightningDataModule):
         """Before training (every rank), read the evaluation splits the run will use: a damaged
         one then stops it (data.on_error=raise) before the first step, not after the last."""
         if stage == "fit":
-            for split in {"valid_window" if self.window else "valid", self.test_split, "cold"} & set(self.urls):
+            for split in {"valid_window" if self.window else "valid", self.test_split, "cold_valid", "cold"} & set(self.urls):
                 self.share(split, *self._rank(), self._limit(split))
 
     def all_faults(self) -> list[Fault]:

@@ -5,7 +5,8 @@ Map: one Ray task per input file (an interactions file of a partitioned folder o
 prepared round's event table when appending) reads it with the pandas path's own readers (so bad
 input gets the same errors, naming file and line), maps item ids to indices, and hashes its rows
 by user into `data.engine_partitions` buckets. The driver then learns what needs every row: the
-action vocabulary, the interacted items (for the held-out draw), the window's start. Reduce: one
+action vocabulary, the interacted items (for the held-out draw and its cut into cold_valid and
+cold), the window's start. Reduce: one
 task per bucket runs `datamodules.partition.write_partition` over its users, writing its own
 shards (`train/train-p00003-000000.tar`, ...) and event table; the item shards are tokenised and
 written in parallel chunks. Everything goes to a temporary folder renamed into place once the
@@ -33,7 +34,9 @@ from twotower.datamodules.prepare import (
     appended_manifest,
     check_trainable,
     event_rounds,
+    held_out,
     item_sample,
+    items_table,
     merge_items,
     new_manifest,
     remove_unlisted,
@@ -41,7 +44,7 @@ from twotower.datamodules.prepare import (
     time_slice,
 )
 from twotower.datamodules.shards import write_shards
-from twotower.datamodules.split import choose_cold_items
+from twotower.datamodules.split import choose_cold_items, choose_cold_valid
 from twotower.files import atomic_folder, write_json
 from twotower.modules.item_text import item_texts, load_tokenizer, tokenize
 
@@ -119,8 +122,8 @@ def _action_values(frame: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return frame[columns].drop_duplicates() if columns else pd.DataFrame(index=range(0))
 
 
-def _reduce(task: int, cfg: Config, folder: str, cold_items: np.ndarray, vocabulary: list[str], round_: int,
-            since: float | None, *buckets: pd.DataFrame) -> Written:
+def _reduce(task: int, cfg: Config, folder: str, cold_items: np.ndarray, cold_valid: np.ndarray | None, vocabulary: list[str],
+            round_: int, since: float | None, *buckets: pd.DataFrame) -> Written:
     """One bucket of users: their shards, written by `write_partition`, and their event table."""
     events = pd.concat(buckets, ignore_index=True)
     if round_ > 0:  # the same event appended again is not new
@@ -131,7 +134,8 @@ def _reduce(task: int, cfg: Config, folder: str, cold_items: np.ndarray, vocabul
     frame = pd.DataFrame({"user": events["user_id"].astype(str).to_numpy(), "item": events["item"].to_numpy(),
                           "time": events["timestamp"].to_numpy(dtype=np.float64), "action": codes,
                           "round": events["round"].to_numpy(), "file": events["file"].to_numpy(), "line": events["line"].to_numpy()})
-    written = write_partition(frame, Path(folder), f"-p{task:05d}", cold_items, cfg.split, cfg.data.shard_max_count, round_, since)
+    written = write_partition(frame, Path(folder), f"-p{task:05d}", cold_items, cfg.split, cfg.data.shard_max_count, round_, since,
+                              cold_valid)
     new = events[events["round"] == round_].drop(columns=["item", "round"])
     (Path(folder) / "events").mkdir(parents=True, exist_ok=True)
     new.reset_index(drop=True).to_parquet(Path(folder) / "events" / f"part-p{task:05d}.parquet")
@@ -192,16 +196,18 @@ def _prepare(ray, cfg: Config, out: Path, key: str, base: dict | None, started: 
     _, vocabulary, action_column = action_codes(values, cfg.data, known)
     if base is None:
         cold_items = choose_cold_items(np.unique(np.concatenate([s["items"] for s in stats])), len(items), cfg.split)
+        cold_valid = choose_cold_valid(cold_items, cfg.split)
     else:
-        cold_items = np.r_[base_items["cold"].to_numpy(dtype=bool), np.zeros(len(items) - len(base_items), dtype=bool)]
+        cold_items, cold_valid = held_out(base_items, len(items))
     since = min(s["min_time"] for s in new_stats if s["min_time"] is not None) if base is not None else None
     log.info(f"ray: mapped {rows:,} interactions from {len(sources)} file(s) into {partitions} partitions in {time.time() - started:.1f}s")
 
     with (round_folder(out, f"appends/r{round_:04d}") if base is not None else atomic_folder(out)) as tmp:
         reducer = ray.remote(_reduce)
-        cold_ref = ray.put(cold_items)
+        cold_ref, cold_valid_ref = ray.put(cold_items), ray.put(cold_valid)
         written = Written()
-        for part in ray.get([reducer.remote(b, cfg, str(tmp), cold_ref, vocabulary, round_, since, *[refs[b + 1] for refs in mapped])
+        for part in ray.get([reducer.remote(b, cfg, str(tmp), cold_ref, cold_valid_ref, vocabulary, round_, since,
+                                            *[refs[b + 1] for refs in mapped])
                              for b in range(partitions)]):
             written = written.add(part)
         if base is None:
@@ -211,20 +217,21 @@ def _prepare(ray, cfg: Config, out: Path, key: str, base: dict | None, started: 
         item_shards = ray.get([chunk.remote(s, items.iloc[s:s + ITEM_CHUNK], counts[s:s + ITEM_CHUNK], cold_items[s:s + ITEM_CHUNK], cfg, str(tmp))
                                for s in range(0, len(items), ITEM_CHUNK)])
         written.shards["items"] = {name: n for part in item_shards for name, n in part.items()}
-        table = items[["item_id", *cfg.data.text_fields]].astype({"item_id": str})
-        table.assign(train_count=counts, cold=cold_items).to_parquet(tmp / ITEMS)
+        table = items_table(items, cfg.data.text_fields, counts, cold_items, cold_valid)
+        table.to_parquet(tmp / ITEMS)
         write_json(tmp / "item_ids.json", table["item_id"].tolist())
         event_parts = sorted(written.shards.pop("events"))
         tokenizer = load_tokenizer(cfg.model.item.encoder)
         actions = {"column": action_column, "values": vocabulary}
         if base is None:
-            manifest = new_manifest(cfg, key, written, written.interactions, len(items), cold_items, tokenizer, actions, skipped, event_parts)
+            manifest = new_manifest(cfg, key, written, written.interactions, len(items), cold_items, tokenizer, actions, skipped, event_parts,
+                                    cold_valid)
             manifest["engine"] = {"name": "ray", "partitions": partitions}
             write_json(tmp / MANIFEST, manifest)
     if base is not None:
         prefix = f"appends/r{round_:04d}"
         manifest = appended_manifest(cfg, base, key, written, prefix, written.interactions, items, base_items, cold_items, tokenizer, actions,
-                                     skipped, [f"{prefix}/{p}" for p in event_parts], since)
+                                     skipped, [f"{prefix}/{p}" for p in event_parts], since, cold_valid)
         write_json(out / MANIFEST, manifest)
         remove_unlisted(out, base, manifest)
     log.info(f"ray: wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")

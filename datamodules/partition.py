@@ -21,7 +21,8 @@ from twotower.datamodules.split import EvalCase, Events, TrainSequence, split_us
 
 COLUMNS = ("user", "item", "time", "action", "round", "file", "line")
 "A partition's columns: user id (str), item index, epoch seconds, action code, and input position."
-EVALUATION = ("valid", "test", "cold")
+EVALUATION = ("valid", "test", "cold_valid", "cold")
+"The evaluation splits every prepare writes (`cold_valid` only where the held-out items are cut in two)."
 
 
 @dataclass
@@ -102,13 +103,16 @@ def grown(user: str, now: TrainSequence, before: TrainSequence | None) -> int:
 
 
 def write_partition(frame: pd.DataFrame, folder: Path, task: str, cold_items: np.ndarray, split: SplitConfig,
-                    shard_max_count: int, round_: int = 0, since: float | None = None) -> Written:
+                    shard_max_count: int, round_: int = 0, since: float | None = None,
+                    cold_valid_items: np.ndarray | None = None) -> Written:
     """Split the users of `frame` and write their shards under `folder/<split>/<split><task>-NNNNNN.tar`.
 
     round_ = 0: every user's training sequence. round_ > 0 (an append): only the new training cases,
     as sequences of the users whose training cases grew with the events of that round (earlier items
     as context, `first_target` where the new cases start), plus `valid_window`/`test_window`: the
-    cases whose target is at or after `since`. Evaluation splits always hold every user."""
+    cases whose target is at or after `since`. Evaluation splits always hold every user.
+    `cold_valid_items`: the held-out items of `cold_valid`; None (data prepared before the held-out
+    items were cut in two): no `cold_valid` split, every held-out item's case in `cold`."""
     frame = in_order(frame)
     users = frame["user"].to_numpy()
     items, times = frame["item"].to_numpy(), frame["time"].to_numpy(dtype=np.float64)
@@ -117,14 +121,16 @@ def write_partition(frame: pd.DataFrame, folder: Path, task: str, cold_items: np
     ends = np.r_[starts[1:], len(users)].astype(int)
 
     train: list[tuple[TrainSequence, int]] = []
-    evaluation: dict[str, list[EvalCase]] = {name: [] for name in EVALUATION}
+    evaluation: dict[str, list[EvalCase]] = {name: [] for name in EVALUATION if name != "cold_valid" or cold_valid_items is not None}
     trained: list[np.ndarray] = []
     written = Written(interactions=len(frame), new_interactions=int((rounds == round_).sum()), users=len(starts))
     for start, end in zip(starts, ends):
         user, events = str(users[start]), Events(items[start:end], times[start:end], actions[start:end])
-        part = split_user(user, events, cold_items, split)
+        part = split_user(user, events, cold_items, split, cold_valid_items)
         if part.cold is not None:
             evaluation["cold"].append(part.cold)
+        if part.cold_valid is not None:
+            evaluation["cold_valid"].append(part.cold_valid)
         if part.dropped:
             written.dropped_users += 1
             continue

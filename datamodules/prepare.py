@@ -22,7 +22,7 @@ from twotower.configs.schema import Config, DataConfig
 from twotower.datamodules import amazon, readers, synthetic
 from twotower.datamodules.partition import Written, write_partition
 from twotower.datamodules.shards import write_shards
-from twotower.datamodules.split import choose_cold_items
+from twotower.datamodules.split import choose_cold_items, choose_cold_valid
 from twotower.files import atomic_folder, write_json
 from twotower.modules.item_text import (
     item_texts,
@@ -41,7 +41,7 @@ EVENTS = "events.parquet"
 "Every interaction prepared (user_id, item_id, timestamp, ...): what `prepare --append` adds to."
 ITEMS = "items.parquet"
 "The catalogue in item-index order (item_id and the text fields)."
-SPLITS = ("train", "valid", "test", "cold")
+SPLITS = ("train", "valid", "test", "cold_valid", "cold")
 
 
 def _input_files(data: DataConfig) -> list[Path]:
@@ -61,7 +61,10 @@ def fingerprint(cfg: Config) -> str:
                         "engine", "engine_address", "engine_partitions"):
         data.pop(loader_only)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _input_files(cfg.data) if p.exists()]
-    key = json.dumps([SCHEMA_VERSION, data, asdict(cfg.split), cfg.model.item.encoder, files], sort_keys=True)
+    split = asdict(cfg.split)
+    if not cfg.split.cold_item_fraction:  # nothing held out, nothing to cut: shards prepared before the cut stay current
+        split.pop("cold_valid_share")
+    key = json.dumps([SCHEMA_VERSION, data, split, cfg.model.item.encoder, files], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -196,14 +199,15 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     frame = partition_frame(interactions, item_index, codes, 0)
     cold_items = choose_cold_items(np.unique(frame["item"].to_numpy()), len(items), cfg.split)
+    cold_valid = choose_cold_valid(cold_items, cfg.split)
     tokenizer = load_tokenizer(cfg.model.item.encoder)
     with atomic_folder(out) as tmp:
-        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count)
+        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, cold_valid_items=cold_valid)
         check_trainable(written, cfg)
-        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
+        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg, cold_valid))
         interactions.reset_index(drop=True).to_parquet(tmp / EVENTS)
         manifest = new_manifest(cfg, key, written, written.interactions, len(items), cold_items, tokenizer,
-                                {"column": action_column, "values": actions}, skipped, [EVENTS])
+                                {"column": action_column, "values": actions}, skipped, [EVENTS], cold_valid)
         write_json(tmp / MANIFEST, manifest)
     log.info(f"wrote {out} in {time.time() - started:.1f}s: {manifest['counts']}")
     return out
@@ -215,8 +219,9 @@ def check_trainable(written: Written, cfg: Config) -> None:
 
 
 def new_manifest(cfg: Config, key: str, written: Written, interactions: int, items: int, cold_items: np.ndarray,
-                 tokenizer, actions: dict, skipped: dict[str, int], events: list[str]) -> dict:
-    """manifest.json of a prepared folder (docs/data.md, "Shards"); `written`: all its shards."""
+                 tokenizer, actions: dict, skipped: dict[str, int], events: list[str], cold_valid: np.ndarray | None = None) -> dict:
+    """manifest.json of a prepared folder (docs/data.md, "Shards"); `written`: all its shards;
+    `cold_valid`: the held-out items of the `cold_valid` split (None: not cut, no such split)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": key,
@@ -230,6 +235,7 @@ def new_manifest(cfg: Config, key: str, written: Written, interactions: int, ite
             "train_events": int(sum(written.train_counts)),
             **{name: sum(files.values()) for name, files in written.shards.items() if name not in ("train", "items")},
             "cold_items": int(cold_items.sum()),
+            **({"cold_valid_items": int(cold_valid.sum())} if cold_valid is not None else {}),
             "dropped_users": written.dropped_users,
         },
         "item_ids": "item_ids.json",
@@ -245,18 +251,34 @@ def new_manifest(cfg: Config, key: str, written: Written, interactions: int, ite
     }
 
 
+def items_table(items: pd.DataFrame, fields: list[str], train_counts: np.ndarray, cold_items: np.ndarray,
+                cold_valid: np.ndarray | None) -> pd.DataFrame:
+    """items.parquet: the catalogue with each item's training count, held-out flag and (where the
+    held-out items are cut in two) whether it is of the `cold_valid` half: what an append starts from."""
+    table = items[["item_id", *fields]].astype({"item_id": str}).assign(train_count=train_counts, cold=cold_items)
+    return table if cold_valid is None else table.assign(cold_valid=cold_valid)
+
+
+def held_out(base_items: pd.DataFrame, num_items: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(held-out items, their cold_valid half or None) of a prepared catalogue (items.parquet),
+    grown to `num_items`: an append keeps both as first drawn, and never holds out a new item. A
+    catalogue prepared before the cut has no `cold_valid` column: it stays uncut (all in `cold`)."""
+    new = np.zeros(num_items - len(base_items), dtype=bool)
+    cold = np.r_[base_items["cold"].to_numpy(dtype=bool), new]
+    cold_valid = np.r_[base_items["cold_valid"].to_numpy(dtype=bool), new] if "cold_valid" in base_items else None
+    return cold, cold_valid
+
+
 def write_items(folder: Path, items: pd.DataFrame, train_counts: np.ndarray, cold_items: np.ndarray, tokenizer,
-                cfg: Config) -> dict[str, dict[str, int]]:
-    """The item shards, items.parquet (with each item's training count and held-out flag: what an
-    append starts from) and item_ids.json, under `folder`."""
+                cfg: Config, cold_valid: np.ndarray | None = None) -> dict[str, dict[str, int]]:
+    """The item shards, items.parquet (`items_table`) and item_ids.json, under `folder`."""
     texts = item_texts(items.to_dict("records"), cfg.data.text_fields)
     tokens = tokenize(tokenizer, texts, cfg.data.max_text_len, progress="tokenise")
     ids = items["item_id"].astype(str).tolist()
     samples = (item_sample(i, ids[i], tokens[i], texts[i], int(train_counts[i]), bool(cold_items[i])) for i in range(len(items)))
     written = write_shards(folder / "items", "items", tqdm(samples, total=len(items), desc="items", disable=len(items) < 10_000),
                            cfg.data.shard_max_count)
-    table = items[["item_id", *cfg.data.text_fields]].astype({"item_id": str})
-    table.assign(train_count=train_counts, cold=cold_items).to_parquet(folder / ITEMS)
+    items_table(items, cfg.data.text_fields, train_counts, cold_items, cold_valid).to_parquet(folder / ITEMS)
     write_json(folder / "item_ids.json", ids)
     return {"items": {f"items/{name}": n for name, n in written.items()}}
 
@@ -294,7 +316,8 @@ def prepare_append(cfg: Config) -> Path:
     prepare of all the events. The evaluation splits, the item shards and tables are written anew
     for all users (with `valid_window` / `test_window` for the users active in the window: what
     `twotower update` trains and evaluates on); item indices of the existing catalogue do not
-    change, and held-out (cold) items stay as drawn the first time (new items are never held out).
+    change, and held-out (cold) items stay as drawn the first time, each in the half (`cold_valid` or
+    `cold`) it was cut into (new items are never held out).
     The new manifest is written last; then what it no longer lists is removed. Appending the same
     data twice is a no-op."""
     out = Path(cfg.data.dir)
@@ -321,15 +344,15 @@ def prepare_append(cfg: Config) -> Path:
     codes, actions, action_column = action_codes(events, cfg.data, manifest.get("actions", {}).get("values", []))
     item_index = pd.Series(np.arange(len(items)), index=items["item_id"].to_numpy())
     frame = partition_frame(events, item_index, codes, 0).assign(round=events["round"].to_numpy())
-    cold_items = np.r_[base_items["cold"].to_numpy(dtype=bool), np.zeros(len(items) - len(base_items), dtype=bool)]
+    cold_items, cold_valid = held_out(base_items, len(items))
     tokenizer = load_tokenizer(cfg.model.item.encoder)
     prefix = f"appends/r{round_:04d}"
     with round_folder(out, prefix) as tmp:
-        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, round_, since)
-        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg))
+        written = write_partition(frame, tmp, "", cold_items, cfg.split, cfg.data.shard_max_count, round_, since, cold_valid)
+        written.shards.update(write_items(tmp, items, written.counts(len(items)), cold_items, tokenizer, cfg, cold_valid))
         new_events.drop(columns="round", errors="ignore").reset_index(drop=True).to_parquet(tmp / EVENTS)
     updated = appended_manifest(cfg, manifest, key, written, prefix, written.interactions, items, base_items, cold_items, tokenizer,
-                                {"column": action_column, "values": actions}, skipped, [f"{prefix}/{EVENTS}"], since)
+                                {"column": action_column, "values": actions}, skipped, [f"{prefix}/{EVENTS}"], since, cold_valid)
     write_json(out / MANIFEST, updated)
     remove_unlisted(out, manifest, updated)
     log.info(f"appended round {round_} to {out} in {time.time() - started:.1f}s: {written.window_sequences} new training "
@@ -352,7 +375,7 @@ def round_folder(out: Path, prefix: str) -> Iterator[Path]:
 
 def appended_manifest(cfg: Config, manifest: dict, key: str, written: Written, prefix: str, interactions: int,
                       items: pd.DataFrame, base_items: pd.DataFrame, cold_items: np.ndarray, tokenizer, actions: dict,
-                      skipped: dict[str, int], events: list[str], since: float) -> dict:
+                      skipped: dict[str, int], events: list[str], since: float, cold_valid: np.ndarray | None = None) -> dict:
     """`manifest` with the round written under `prefix` (`written`'s shards, relative to it): the
     earlier training shards and event tables, and this round's everything else."""
     round_ = int(prefix.rsplit("/r", 1)[1])
@@ -360,7 +383,8 @@ def appended_manifest(cfg: Config, manifest: dict, key: str, written: Written, p
     written.shards["train"] = {**{path: manifest["shard_counts"][path] for path in manifest["shards"]["train"]}, **written.shards["train"]}
     earlier = manifest.get("skipped", {})
     updated = new_manifest(cfg, manifest["fingerprint"], written, interactions, len(items), cold_items, tokenizer, actions,
-                           {k: earlier.get(k, 0) + skipped.get(k, 0) for k in {*earlier, *skipped}}, [*event_tables(manifest), *events])
+                           {k: earlier.get(k, 0) + skipped.get(k, 0) for k in {*earlier, *skipped}}, [*event_tables(manifest), *events],
+                           cold_valid)
     return {**updated, "source": manifest["source"], "split": manifest["split"],
             "item_ids": f"{prefix}/item_ids.json", "items_table": f"{prefix}/{ITEMS}",
             "appends": [*manifest.get("appends", []), {"fingerprint": key, "round": round_, "since": since,

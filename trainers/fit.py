@@ -1,5 +1,5 @@
 """`twotower fit`: prepare (if needed) -> data -> model -> loggers and callbacks -> Trainer.fit
--> test (and cold) on the best checkpoint -> run folder (summary.json, curves); the command line
+-> test (and cold_valid, cold) on the best checkpoint -> run folder (summary.json, curves); the command line
 prints the metrics table."""
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def fit(cfg: Config) -> dict[str, float]:
 
     summary: dict[str, float] = {"best/" + MONITOR: float(checkpoint.best_model_score or float("nan"))}
     best = test_checkpoint(trainer, checkpoint.best_model_path or None, run_dir)
-    for split in ("test", "cold"):
-        if not data.manifest["counts"][split]:
+    for split in ("test", "cold_valid", "cold"):
+        if not data.manifest["counts"].get(split):  # empty, or absent (cold_valid of data prepared before the cut)
             continue
         module.test_split = data.test_split = split
         model_metrics = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]

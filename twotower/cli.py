@@ -33,7 +33,7 @@ COMMANDS = {
     "fit": ("train and evaluate (no arguments: the built-in default)",
             "Train the two towers on data.dir's shards (prepared first if needed; or those at data.shards_url, read as "
             "they are), keep the best checkpoint by "
-            "validation NDCG@10, then rank the test (and cold) split over the full catalogue and print the metrics "
+            "validation NDCG@10, then rank the test split (and cold_valid, cold) over the full catalogue and print the metrics "
             "beside a popularity baseline. Writes a run folder (run.dir): config.yaml, checkpoints/, metrics.csv, "
             "summary.json, curves.png.",
             ["twotower fit                                       # built-in data, MiniLM item tower, a few minutes on CPU",
@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(commands, "evaluate")
     _add_config_args(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit`")
-    evaluate.add_argument("--split", default="test", choices=["valid", "test", "cold", "valid_window", "test_window"],
-                          help="*_window: the users of the window added by `prepare --append`")
+    evaluate.add_argument("--split", default="test", choices=["valid", "test", "cold_valid", "cold", "valid_window", "test_window"],
+                          help="cold_valid: the held-out items for choosing settings, cold: those for reporting "
+                               "(split.cold_item_fraction); *_window: the users of the window added by `prepare --append`")
     update = _command(commands, "update")
     _add_config_args(update)
     update.add_argument("--checkpoint", required=True, help="a .ckpt written by `twotower fit` or `update` (config: its run folder's config.yaml unless -c)")
@@ -248,7 +249,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         from twotower.trainers.fit import fit
 
         summary = fit(cfg)
-        splits = ("test", "cold")
+        splits = ("test", "cold_valid", "cold")
         _print_metrics(summary, {label: prefix for s in splits for label, prefix in
                                  ((f"{cfg.model.mode} ({s})", f"{s}/"), (f"popularity ({s})", f"popularity/{s}/"))}, cfg.eval.ks)
     elif args.command == "evaluate":

@@ -57,12 +57,13 @@ def test_ray_and_pandas_prepare_the_same_samples(tiny_overrides, tmp_path, parti
     by_pandas = prepare(config(tiny_overrides, events, items, tmp_path / "pandas", "pandas", held_out))
     by_ray = prepare(config(tiny_overrides, events, items, tmp_path / "ray", "ray", held_out, "data.engine_partitions=3"))
     assert training_cases(by_ray) == training_cases(by_pandas)
-    for split in ("valid", "test", "cold"):
+    for split in ("valid", "test", "cold_valid", "cold"):
         assert evaluation_cases(by_ray, split) == evaluation_cases(by_pandas, split), split
     assert item_tokens(by_ray) == item_tokens(by_pandas)
     ours, theirs = (json.loads((folder / "manifest.json").read_text()) for folder in (by_ray, by_pandas))
     assert ours["counts"] == theirs["counts"] and ours["actions"] == theirs["actions"] and ours["fingerprint"] == theirs["fingerprint"]
-    assert ours["counts"]["cold"] > 0 and len(ours["actions"]["values"]) == 2
+    assert ours["counts"]["cold"] > 0 and ours["counts"]["cold_valid"] > 0 and len(ours["actions"]["values"]) == 2
+    assert pd.read_parquet(by_ray / "items.parquet").equals(pd.read_parquet(by_pandas / "items.parquet"))  # the same halves
     assert {s.split("/")[-1].split("-")[1] for s in ours["shards"]["train"]} == {"p00000", "p00001", "p00002"}  # a task's own shards
 
 
