@@ -1,12 +1,15 @@
-"""Recommendation quality on MovieLens-100K: the popularity baseline and the `id`, `text` and
-`id+text` modes, each trained to early stopping on val/ndcg@10 with its best checkpoint restored,
-ranked by the evaluation protocol of docs/data.md, in one table.
+"""Recommendation quality on a folder of `interactions.csv` + `items.csv` (default: MovieLens-100K):
+the popularity baseline and the `id`, `text` and `id+text` modes, each trained to early stopping on
+val/ndcg@10 with its best checkpoint restored, ranked by the evaluation protocol of docs/data.md, in
+one table.
 
     python bench/quality.py                                  # ../shared/data/ml-100k, all four systems
-    python bench/quality.py --cold                           # also the cold split (split.cold_item_fraction=0.1)
+    python bench/quality.py --cold                           # also cold_valid and cold (split.cold_item_fraction=0.1)
     python bench/quality.py --seeds 3                        # each mode with seeds 0, 1, 2, and their mean and sd
     python bench/quality.py --modes popularity,id --patience 5 --max-epochs 50 model.dim=128
     python bench/quality.py --data /path/to/ml-100k          # a folder with interactions.csv and items.csv
+    python bench/quality.py -c experiment/amazon_office --cold   # another data set: its config (and its data.path)
+    python bench/quality.py -c experiment/amazon_office --data DIR   # that config on the same files elsewhere
     python bench/quality.py --modes id --features none,time_gaps,actions   # the user tower's features, each alone
     python bench/quality.py --synthetic data.synthetic.stray_fraction=0.3 --features none,actions  # the built-in data
     python bench/quality.py --quick [model.item.encoder=DIR] # a smoke run on tiny built-in synthetic data
@@ -17,9 +20,16 @@ Each model is one in-process `twotower fit` (run folder under `<out>/runs/<syste
 feature set (`none`, `time_gaps`, `actions`, `time_gaps+actions`). With `--seeds K` each mode
 trains K times (seed 0..K-1) and the table adds, per mode and split, the mean over seeds with the
 sample standard deviation of NDCG@10: one seed's noise on 943 users is as large as many of the
-differences a recipe change makes. The table (valid, test and cold HR/NDCG/MRR@10/20, best epoch, wall time
-to the best checkpoint, peak RSS) is printed and written, with the protocol it ran, to
-`<out>/quality.md`, `quality.csv` and `quality.png` (default out: bench/results/quality/<time>-<data>).
+differences a recipe change makes. The table (valid, test, and with held-out items cold_valid and
+cold: HR/NDCG/MRR@10/20, best epoch, wall time to the best checkpoint, peak RSS) is printed and
+written, with the protocol it ran, to `<out>/quality.md`, `quality.csv` and `quality.png` (default
+out: bench/results/quality/<time>-<data>). cold_valid is the held-out half for choosing settings,
+cold the half for reporting (docs/data.md, "Cold start").
+
+`-c CONFIG` (a file, or a packaged name such as experiment/amazon_office; default: the ML-100K
+experiment config) is the config of every fit; its data is read as `data.source=table` from `--data
+DIR` (DIR/interactions.csv and DIR/items.csv), or, without --data, from the config's `data.path`
+(relative paths from the repository root).
 """
 from __future__ import annotations
 
@@ -43,6 +53,12 @@ from bench.process_memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 ML100K_CONFIG = REPO / "configs" / "experiment" / "ml100k.yaml"
+ML100K_NAME = "experiment/ml100k"
+"The default config, as -c names it."
+TABLES = ("interactions.csv", "items.csv")
+"What a data folder holds (data.source=table)."
+HELD_OUT = ("cold_valid", "cold")
+"The held-out items' splits: for choosing settings, for reporting."
 MODES = ("popularity", "id", "text", "id+text")
 FEATURES = ("time_gaps", "actions")
 "The user tower's optional features (model.user.<name>)."
@@ -60,7 +76,9 @@ AVERAGED = [c for c in COLUMNS if c not in ("system", "split", "seed", "ndcg@10_
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help=f"ML-100K folder with interactions.csv and items.csv (default: {DEFAULT_DATA})")
+    parser.add_argument("-c", "--config", help=f"the config of every fit: a file or a packaged name (default: {ML100K_NAME})")
+    parser.add_argument("--data", help="folder with interactions.csv and items.csv (default: the config's data.path; "
+                        f"without -c {DEFAULT_DATA})")
     parser.add_argument("--quick", action="store_true", help="smoke run on tiny built-in synthetic data instead of ML-100K")
     parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic data at its configured size instead of ML-100K")
     parser.add_argument("--features", default="none", help="comma-separated feature sets per mode: none, or features of "
@@ -69,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--patience", type=int, help="trainer.patience: epochs without a better val/ndcg@10 (default: the config's; --quick 1)")
     parser.add_argument("--max-epochs", type=int, help="trainer.max_epochs (default: the config's; --quick 2)")
     parser.add_argument("--seeds", type=int, default=1, help="fits per mode, seeds 0..K-1, with their mean and sd (default: 1)")
-    parser.add_argument("--cold", action="store_true", help=f"split.cold_item_fraction={COLD_FRACTION}: also rank the cold split")
-    parser.add_argument("--out", help="results folder (default: bench/results/quality/<time>-<ml100k|quick>)")
+    parser.add_argument("--cold", action="store_true", help=f"split.cold_item_fraction={COLD_FRACTION}: also rank cold_valid and cold")
+    parser.add_argument("--out", help="results folder (default: bench/results/quality/<time>-<ml100k|config name|data folder|quick>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every fit (and the data)")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -85,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--features: unknown {wrong or 'empty'}; none, or features of {', '.join(FEATURES)} joined by +")
     if args.quick and args.synthetic:
         parser.error("--quick and --synthetic: choose one")
+    if args.data and (args.quick or args.synthetic):
+        parser.error("--data and --quick/--synthetic: choose one (those run the built-in data)")
     return args
 
 
@@ -108,7 +128,7 @@ def best_epoch(metrics_csv: Path, monitor: str) -> tuple[int, dict[str, float]]:
 
 
 def fit_mode(cfg, monitor: str) -> list[dict]:
-    """One `twotower fit` in this process; its rows (valid, test, cold) read back from the run folder."""
+    """One `twotower fit` in this process; its rows (valid, test, cold_valid, cold) read back from the run folder."""
     from twotower.trainers.fit import fit
 
     run_dir = Path(cfg.run.dir)
@@ -122,7 +142,7 @@ def fit_mode(cfg, monitor: str) -> list[dict]:
     common = {"system": system_name(cfg), "mode": cfg.model.mode, "seed": cfg.seed, "best_epoch": epoch, "epochs": summary["epochs"],
               "wall_to_best_s": best_ckpt.stat().st_mtime - started, "wall_s": summary["wall_s"], "peak_rss_mb": peak}
     rows = [{**common, "split": "valid", **{k.split("/", 1)[1]: v for k, v in valid.items()}}]
-    for split in ("test", "cold"):
+    for split in ("test", *HELD_OUT):
         if f"{split}/ndcg@10" in summary:
             rows.append({**common, "split": split, **{k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{split}/")}})
     return rows
@@ -164,9 +184,11 @@ def seed_means(rows: list[dict]) -> list[dict]:
 def protocol(cfg, manifest: dict, args: argparse.Namespace, source: str) -> str:
     counts, t = manifest["counts"], cfg.trainer
     cold = (f" Cold: split.cold_item_fraction={cfg.split.cold_item_fraction}: {counts['cold_items']} items held out of "
-            f"training entirely; the cold split ranks, for each of the {counts['cold']} users who touched one, the first "
-            f"such item given the warm items before it."
-            if cfg.split.cold_item_fraction > 0 else " No cold split (split.cold_item_fraction=0; --cold sets 0.1).")
+            f"training entirely, cut in two (split.cold_valid_share={cfg.split.cold_valid_share}): "
+            f"{counts.get('cold_valid_items', 0)} for cold_valid (to choose settings on), the rest for cold (to report); "
+            f"each ranks, for each user who touched an item of its half ({counts.get('cold_valid', 0)} and "
+            f"{counts['cold']} users), the first such item given the warm items before it."
+            if cfg.split.cold_item_fraction > 0 else " No cold splits (split.cold_item_fraction=0; --cold sets 0.1).")
     return (
         f"Data: {source}; {counts['interactions']} interactions, {counts['users']} users, {counts['items']} items.\n"
         f"Protocol (docs/data.md): leave-one-out by time (per user: last interaction = test, second last = valid, the rest = "
@@ -209,36 +231,61 @@ def plot(rows: list[dict], path: Path, ks: list[int]) -> None:
     save_figure(fig, path)
 
 
+def data_folder(args: argparse.Namespace) -> Path:
+    """The folder of interactions.csv and items.csv: --data, else the -c config's `data.path`
+    (relative: from the repository root), else ML-100K's default place."""
+    if args.data:
+        return Path(args.data).resolve()
+    if not args.config:
+        return DEFAULT_DATA.resolve()
+    from twotower.configs import load_config
+
+    path = load_config([args.config]).data.path
+    if path is None:
+        raise ValueError(f"{args.config}: no data.path; give --data DIR (a folder with {' and '.join(TABLES)})")
+    return (REPO / path).resolve()  # an absolute path stays as it is
+
+
+def data_setup(args: argparse.Namespace) -> tuple[list[str], list[str], str, str]:
+    """(config files, overrides, a line naming the data, a short name for the results folder) of
+    the fits. Raises FileNotFoundError naming the folder when a data table is missing."""
+    files = [args.config] if args.config else []
+    if args.quick:
+        overrides = [*QUICK, "data.source=synthetic", f"trainer.max_epochs={2 if args.max_epochs is None else args.max_epochs}",
+                     f"trainer.patience={1 if args.patience is None else args.patience}"]
+        return files, overrides, "built-in synthetic data (--quick)", "quick"
+    overrides = [f"trainer.patience={args.patience}"] if args.patience is not None else []
+    overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
+    if args.synthetic:
+        return files, ["data.name=quality_synthetic", "data.source=synthetic", *overrides], "built-in synthetic data", "synthetic"
+    data = data_folder(args)
+    missing = [n for n in TABLES if not (data / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {'data' if args.data or args.config else 'ML-100K'} at {data} (missing {', '.join(missing)})")
+    config = args.config or ML100K_NAME
+    tables = ["data.source=table", f"data.path={data}", f"data.interactions={data / TABLES[0]}", f"data.items={data / TABLES[1]}"]
+    kind = Path(args.config).stem if args.config else data.name if args.data else "ml100k"
+    return files or [str(ML100K_CONFIG)], [*tables, *overrides], f"{data} (config {config})", kind
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.quick:
-        files, source = [], "built-in synthetic data (--quick)"
-        overrides = [*QUICK, f"trainer.max_epochs={2 if args.max_epochs is None else args.max_epochs}",
-                     f"trainer.patience={1 if args.patience is None else args.patience}"]
-    elif args.synthetic:
-        files, source = [], "built-in synthetic data"
-        overrides = ["data.name=quality_synthetic"]
-        overrides += [f"trainer.patience={args.patience}"] if args.patience is not None else []
-        overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
-    else:
-        data = Path(args.data or DEFAULT_DATA).resolve()
-        missing = [n for n in ("interactions.csv", "items.csv") if not (data / n).is_file()]
-        if missing:
-            print(f"bench/quality.py: skipped: no ML-100K at {data} (missing {', '.join(missing)}); "
-                  "give --data DIR, or --quick for a smoke run", file=sys.stderr)
-            return 2 if args.data else 0
-        files, source = [str(ML100K_CONFIG)], f"MovieLens-100K ({data})"
-        overrides = [f"data.path={data}"]
-        overrides += [f"trainer.patience={args.patience}"] if args.patience is not None else []
-        overrides += [f"trainer.max_epochs={args.max_epochs}"] if args.max_epochs is not None else []
+    from twotower.configs import ConfigError, load_config
+
+    try:
+        files, overrides, source, kind = data_setup(args)
+    except FileNotFoundError as exc:
+        print(f"bench/quality.py: skipped: {exc}; give --data DIR (with {' and '.join(TABLES)}), or --quick for a smoke run",
+              file=sys.stderr)
+        return 2 if args.data or args.config else 0
+    except (ConfigError, ValueError) as exc:
+        print(f"bench/quality.py: {exc}", file=sys.stderr)
+        return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    kind = "quick" if args.quick else "synthetic" if args.synthetic else "ml100k"
     out = Path(args.out or REPO / "bench" / "results" / "quality" / f"{stamp}-{kind}").resolve()
     overrides += [f"split.cold_item_fraction={COLD_FRACTION}"] if args.cold else []
     overrides += [f"data.dir={out / 'data'}", *args.overrides]
-
-    from twotower.configs import ConfigError, load_config
 
     try:
         base = load_config(files, overrides)
@@ -257,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare(base)  # once; every fit then finds the shards up to date
     manifest = read_manifest(base.data.dir)
-    splits = ["valid", "test"] + (["cold"] if manifest["counts"].get("cold") else [])
+    splits = ["valid", "test"] + [split for split in HELD_OUT if manifest["counts"].get(split)]
     rows = popularity_rows(base, splits) if "popularity" in args.modes else []
     for cfg in fits:
         rows += fit_mode(cfg, MONITOR)

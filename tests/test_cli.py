@@ -1,5 +1,5 @@
 """The command line end to end, in subprocesses: fit writes a complete run folder (W&B offline),
-evaluate reproduces the test metrics from the checkpoint, and bad input fails cleanly."""
+evaluate reproduces the test (and cold_valid) metrics from the checkpoint, and bad input fails cleanly."""
 import json
 
 import pytest
@@ -16,7 +16,8 @@ def test_fit_writes_a_run_folder_and_evaluate_reproduces_it(tiny_overrides, tmp_
     assert fit.returncode == 0, fit.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary) and {k.replace("test/", "cold/") for k in SUMMARY_KEYS} <= set(summary)
+    assert SUMMARY_KEYS <= set(summary)
+    assert all({k.replace("test/", f"{held_out}/") for k in SUMMARY_KEYS} <= set(summary) for held_out in ("cold_valid", "cold"))
     assert all(0.0 <= summary[k] <= 1.0 for k in SUMMARY_KEYS)
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "curves.png").stat().st_size > 0
     assert "val/ndcg@10" in (run / "metrics.csv").read_text().splitlines()[0]
@@ -29,6 +30,13 @@ def test_fit_writes_a_run_folder_and_evaluate_reproduces_it(tiny_overrides, tmp_
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     row = next(line for line in evaluate.stdout.splitlines() if line.startswith("| model (test)"))
     assert float(row.split("|")[3]) == pytest.approx(summary["test/ndcg@10"], abs=5e-5)
+    assert "cold_valid" in fit.stdout
+
+    evaluate = twotower("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
+                        "--split", "cold_valid", cwd=tmp_path)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    row = next(line for line in evaluate.stdout.splitlines() if line.startswith("| model (cold_valid)"))
+    assert float(row.split("|")[3]) == pytest.approx(summary["cold_valid/ndcg@10"], abs=5e-5)
 
 
 def test_unknown_key_fails_before_any_work_naming_the_key(tmp_path):

@@ -52,16 +52,17 @@ def test_quick_table_equals_the_runs(quick):
     md = (out / "quality.md").read_text()
     assert "| system | split |" in md
     for stated in ("leave-one-out by time", "full ranking over all 120 items", "eval.filter_seen=true",
-                   "300 valid, 300 test", "split.cold_item_fraction=0.1", "trainer.patience=1, trainer.max_epochs=2"):
+                   "300 valid, 300 test", "split.cold_item_fraction=0.1", "split.cold_valid_share=0.5",
+                   "trainer.patience=1, trainer.max_epochs=2"):
         assert stated in md
 
     with open(out / "quality.csv", newline="") as f:
         rows = {(r["system"], r["split"]): r for r in csv.DictReader(f)}
-    assert set(rows) == {(s, split) for s in ("popularity", *modes) for split in ("valid", "test", "cold")}
+    assert set(rows) == {(s, split) for s in ("popularity", *modes) for split in ("valid", "test", "cold_valid", "cold")}
     for mode in modes:
         run = out / "runs" / mode
         summary = json.loads((run / "summary.json").read_text())
-        for split in ("test", "cold"):
+        for split in ("test", "cold_valid", "cold"):
             for name in METRICS:
                 assert float(rows[(mode, split)][name]) == summary[f"{split}/{name}"], (mode, split, name)
                 assert float(rows[("popularity", split)][name]) == pytest.approx(summary[f"popularity/{split}/{name}"], abs=1e-12)
@@ -118,6 +119,25 @@ def test_missing_data_skips_or_fails_with_the_path(tmp_path, monkeypatch, capsys
     assert "missing interactions.csv, items.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--modes", "id,sasrec"])
+
+
+def test_any_folder_of_tables_with_the_config_to_use(tmp_path, monkeypatch, capsys):
+    """-c and --data: the config's files, the folder's tables as data.source=table; without --data
+    the config's own data.path, from the repository root."""
+    from twotower.configs import load_config
+
+    bench = load_bench()
+    for name in ("interactions.csv", "items.csv"):
+        (tmp_path / name).write_text("")
+    args = bench.parse_args(["-c", "experiment/amazon_office", "--data", str(tmp_path)])
+    files, overrides, source, kind = bench.data_setup(args)
+    cfg = load_config(files, overrides)
+    assert (cfg.data.source, cfg.data.interactions, cfg.data.items) == ("table", str(tmp_path / "interactions.csv"), str(tmp_path / "items.csv"))
+    assert cfg.data.text_fields == ["title"] and kind == "amazon_office" and str(tmp_path) in source
+    assert bench.data_folder(bench.parse_args(["-c", "experiment/amazon_office"])) == (BENCH.parents[1] / "../shared/data/amazon-office").resolve()
+    monkeypatch.setattr(bench, "REPO", tmp_path / "elsewhere")  # the config's data.path then leads nowhere: an error naming it
+    assert bench.main(["-c", "experiment/amazon_office"]) == 2
+    assert f"no data at {(tmp_path / 'elsewhere' / '../shared/data/amazon-office').resolve()} (missing" in capsys.readouterr().err
 
 
 def test_seed_means_average_each_number_and_give_the_sample_sd_of_ndcg():
