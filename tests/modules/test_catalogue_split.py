@@ -29,7 +29,9 @@ def module(tiny_bert: str, extra: tuple[str, ...] = ()) -> TwoTowerModule:
                            "model.item.bucket_items=4", "model.item.cache_frozen=false", *extra])
     torch.manual_seed(0)
     m = TwoTowerModule(cfg, NUM_ITEMS, torch.arange(NUM_ITEMS), torch.zeros(NUM_ITEMS, dtype=torch.bool))
-    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + (i * 7) % 12)) for i in range(NUM_ITEMS)]
+    # Distinct texts (a number first): two items with one text would tie exactly in one process and
+    # break the tie by float noise in another, where the shares pad their chunks differently.
+    texts = [" ".join([str(i), *(WORDS[(i + j) % len(WORDS)] for j in range((i * 7) % 12))]) for i in range(NUM_ITEMS)]
     ids = tokenize(load_tokenizer(tiny_bert), texts, 16)
     tokens = np.zeros((NUM_ITEMS, 16), dtype=np.int32)
     for i, t in enumerate(ids):
