@@ -108,7 +108,7 @@ class Learner:
         self.optimizer, self.schedule = self._optimizers()
         self.step, self.commits, self.offsets = 0, 0, {"events": None, "items": None}
         self.committed_offsets = dict(self.offsets)
-        self.learnt = {"events": 0, "targets": 0, "context": 0, "replayed": 0}
+        self.learnt = {"events": 0, "targets": 0, "context": 0, "replayed": 0, "skipped_steps": 0}
         self.skips = SkipLog()
         self.pending_events: list[dict] = []
         self.pending_items: list[dict] = []
@@ -287,9 +287,14 @@ class Learner:
                 grad.mul_(weight / max(float(total), 1.0))
                 dist.all_reduce(grad)
                 p.grad = grad
-        if self.cfg.trainer.gradient_clip_val:
-            nn.utils.clip_grad_norm_(params, self.cfg.trainer.gradient_clip_val)
-        self.optimizer.step()
+        # The norm of the summed gradients, the same on every rank: a non-finite one (a NaN or Inf
+        # loss on any rank) drops the step everywhere, so it never reaches the weights or a commit.
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.trainer.gradient_clip_val or float("inf"))
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.learnt["skipped_steps"] += 1
+            log.warning(f"step {self.step}: non-finite loss or gradients; the step is dropped ({self.learnt['skipped_steps']} so far)")
         self.schedule.step()
         self.step += 1
         self.learnt["targets"] += targets

@@ -180,3 +180,21 @@ def test_two_gloo_processes_split_the_stream_by_user_and_none_hangs(trained):
     parts = learnt_parts(folder / "learn-d")
     assert list(parts["offset"]) == list(usable["offset"][:40])
     assert set(new_items) <= set(json.loads((folder / "export-d" / "item_ids.json").read_text()))
+
+
+def test_a_non_finite_step_is_dropped_and_leaves_the_weights_as_they_were(trained):
+    from twotower.trainers.learn import Learner
+
+    folder, overrides, paths = trained
+    url = str(folder / "stream-nan")
+    fill_stream(url, paths)
+    cfg = load_config([], [*overrides, f"stream.url={url}", f"learn.dir={folder / 'learn-nan'}", "learn.step_events=64"])
+    learner = Learner(cfg, str(folder / "run" / "checkpoints" / "best.ckpt"))
+    params = [p for p in learner.module.parameters() if p.requires_grad]
+    learner.module.loss = lambda *batch: sum(p.sum() for p in params) * float("nan")
+    before = {k: v.clone() for k, v in learner.module.state_dict().items()}
+    assert learner.learn_available() > 0
+    assert learner.learnt["skipped_steps"] == learner.step > 0
+    for key, value in learner.module.state_dict().items():
+        if key in before and value.shape == before[key].shape:  # ID rows of new items were appended
+            assert torch.equal(value, before[key]), key
