@@ -421,6 +421,8 @@ class LearnConfig:
     "The learner's folder: state.pt (weights, optimizer and the stream offsets, committed together) and the event and item tables it learnt from (events/, items/: Parquet parts that `prepare` reads)."
     step_events: int = 256
     "Most new events one step learns (fewer when the stream has fewer; a step waits for none)."
+    step_wait_s: float = 1.0
+    "A step that finds fewer than step_events new events waits up to this long for more (a live stream at 20 events/s would otherwise make steps of one or two events, each a full optimizer step); 0: take what is there."
     replay_fraction: float = 0.5
     "Share of each step's sequences that replay older events of other users (against forgetting); a replayed sequence's targets are all older than the step's new events. 0.5 with lr 1e-4 was chosen on the first two windows of bench/online.py's built-in timeline (0.3 with lr 3e-4 fell below the stale model from the second window on)."
     lr: Optional[float] = 1e-4
@@ -445,7 +447,7 @@ class LearnConfig:
         if self.lr is not None:
             _check_positive("learn.lr", self.lr)
         _check_positive("learn.commit_every_steps", self.commit_every_steps)
-        for key in ("commit_every_s", "export_every_s", "idle_exit_s"):
+        for key in ("step_wait_s", "commit_every_s", "export_every_s", "idle_exit_s"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
         for key in ("export_every_steps", "max_steps"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)

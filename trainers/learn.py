@@ -203,7 +203,12 @@ class Learner:
         items after the events finds it."""
         fetched = None
         if self.rank == 0:
-            events = self.stream.read("events", self.offsets["events"], self.cfg.learn.step_events)
+            wanted = self.cfg.learn.step_events
+            events = self.stream.read("events", self.offsets["events"], wanted)
+            deadline = time.monotonic() + self.cfg.learn.step_wait_s
+            while events and len(events) < wanted and time.monotonic() < deadline:  # fill the step (learn.step_wait_s)
+                time.sleep(min(self.cfg.stream.poll_interval_s, max(0.0, deadline - time.monotonic())))
+                events += self.stream.read("events", events[-1].offset, wanted - len(events))
             items = self.stream.read("items", self.offsets["items"], 100_000)
             fetched = (events, items)
         return _broadcast(fetched)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,3 +199,24 @@ def test_a_non_finite_step_is_dropped_and_leaves_the_weights_as_they_were(traine
     for key, value in learner.module.state_dict().items():
         if key in before and value.shape == before[key].shape:  # ID rows of new items were appended
             assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 5.0])
+def test_a_step_waits_up_to_step_wait_s_for_a_full_step(trained, wait_s):
+    from twotower.trainers.learn import Learner
+
+    folder, overrides, paths = trained
+    url = str(folder / f"stream-wait-{wait_s}")
+    usable, _ = fill_stream(url, paths)
+    events = usable.drop(columns="offset").to_dict("records")[:20]
+    url_live = str(folder / f"stream-live-{wait_s}")
+    cfg = load_config([], [*overrides, f"stream.url={url_live}", f"learn.dir={folder / f'learn-wait-{wait_s}'}",
+                           "learn.step_events=20", f"learn.step_wait_s={wait_s}", "stream.poll_interval_s=0.05"])
+    learner = Learner(cfg, str(folder / "run" / "checkpoints" / "best.ckpt"))
+    with open_stream(url_live) as stream:
+        stream.append_events(events[:8])
+        late = threading.Timer(0.5, stream.append_events, [events[8:]])
+        late.start()
+        fetched, _ = learner._fetch()
+        late.join()
+    assert len(fetched) == (20 if wait_s else 8)
