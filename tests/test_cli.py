@@ -25,18 +25,13 @@ def test_fit_writes_a_run_folder_and_evaluate_reproduces_it(tiny_overrides, tmp_
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "a W&B offline run was written"
     assert "popularity (test)" in fit.stdout
 
-    evaluate = twotower("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
-                        "--split", "test", cwd=tmp_path)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    row = next(line for line in evaluate.stdout.splitlines() if line.startswith("| model (test)"))
-    assert float(row.split("|")[3]) == pytest.approx(summary["test/ndcg@10"], abs=5e-5)
     assert "cold_valid" in fit.stdout
-
-    evaluate = twotower("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
-                        "--split", "cold_valid", cwd=tmp_path)
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    row = next(line for line in evaluate.stdout.splitlines() if line.startswith("| model (cold_valid)"))
-    assert float(row.split("|")[3]) == pytest.approx(summary["cold_valid/ndcg@10"], abs=5e-5)
+    for split in ("test", "cold_valid"):
+        evaluate = twotower("evaluate", "-c", str(run / "config.yaml"), "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
+                            "--split", split, cwd=tmp_path)
+        assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+        row = next(line for line in evaluate.stdout.splitlines() if line.startswith(f"| model ({split})"))
+        assert float(row.split("|")[3]) == pytest.approx(summary[f"{split}/ndcg@10"], abs=5e-5)
 
 
 def test_unknown_key_fails_before_any_work_naming_the_key(tmp_path):

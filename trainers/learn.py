@@ -355,17 +355,25 @@ class Learner:
         that drive the learner step by step (bench/online.py)."""
         learnt = 0
         while True:
-            events_records, item_records = self._fetch()
-            self._take_items(item_records)
-            events = self._take_events(events_records)
-            if events:
-                before = {e.user_id: self.histories.length(e.user_id) for e in events}
-                self.train_step(events)
-                if self.rank == 0:
-                    self._remember(events, before)
-                learnt += len(events)
-            if not events_records and not item_records:
+            events, read = self.step_once()
+            learnt += events
+            if not read:
                 return learnt
+
+    def step_once(self) -> tuple[int, bool]:
+        """Fetch, take the new items, and train one step on the new events if there are any:
+        (events learnt, whether any record was read)."""
+        events_records, item_records = self._fetch()
+        self._take_items(item_records)
+        events = self._take_events(events_records)
+        if events:
+            before = {e.user_id: self.histories.length(e.user_id) for e in events}
+            loss = self.train_step(events)
+            if self.rank == 0:
+                self._remember(events, before)
+            if self.step % self.cfg.trainer.log_every_n_steps == 0:
+                log.info(f"step {self.step}: {len(events)} events, loss {loss:.4f}, {self.learnt['targets']} targets learnt")
+        return len(events), bool(events_records or item_records)
 
     @torch.no_grad()
     def publish(self) -> Path | None:
@@ -400,20 +408,11 @@ class Learner:
         started = last_commit = last_export = last_record = time.monotonic()
         committed_step = exported_step = self.step
         while True:
-            events_records, item_records = self._fetch()
-            self._take_items(item_records)
-            events = self._take_events(events_records)
+            _, read = self.step_once()
             now = time.monotonic()
-            if events_records or item_records:
+            if read:
                 last_record = now
-            if events:
-                before = {e.user_id: self.histories.length(e.user_id) for e in events}
-                loss = self.train_step(events)
-                if self.rank == 0:
-                    self._remember(events, before)
-                if self.step % self.cfg.trainer.log_every_n_steps == 0:
-                    log.info(f"step {self.step}: {len(events)} events, loss {loss:.4f}, {self.learnt['targets']} targets learnt")
-            idle = not events_records and not item_records
+            idle = not read
             if idle:
                 time.sleep(self.cfg.stream.poll_interval_s)
             want_stop = _broadcast(stop["now"] or (lc.max_steps and self.step >= lc.max_steps)
