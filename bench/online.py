@@ -80,18 +80,28 @@ def cpu_seconds() -> float:
 
 
 class Meter:
-    """CPU and wall seconds spent inside `with meter:` blocks, summed."""
+    """CPU and wall seconds spent inside `with meter:` blocks, summed; with `threads`, torch runs
+    that many threads inside them (as `twotower learn` does with learn.num_threads)."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 0):
         self.cpu = self.wall = 0.0
+        self.threads = threads
 
     def __enter__(self):
+        import torch
+
+        self._threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self._cpu, self._wall = cpu_seconds(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.cpu += cpu_seconds() - self._cpu
         self.wall += time.perf_counter() - self._wall
+        import torch
+
+        torch.set_num_threads(self._threads)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -293,7 +303,8 @@ def run_windows(args, work: Path) -> dict | None:
     model_overrides = [f"model.mode={args.mode}", "data.source=table", *BENCH_CONFIG, *data_overrides, *args.overrides]
     learn_overrides = [o for o in model_overrides if o.startswith(("learn.", "stream."))]
     fit_overrides = [o for o in model_overrides if not o.startswith(("learn.", "stream."))]
-    fields = load_config([], [o for o in fit_overrides if o != "data.source=table"]).data.text_fields
+    base_cfg = load_config([], [o for o in model_overrides if o != "data.source=table"])
+    fields = base_cfg.data.text_fields
     items_by_id = items.set_index("item_id").to_dict("index")
     for i in items_by_id:
         items_by_id[i]["item_id"] = i
@@ -314,7 +325,7 @@ def run_windows(args, work: Path) -> dict | None:
                                              f"run.dir={run}", f"trainer.max_epochs={args.epochs}"]))
         return run / "config.yaml", str(run / "checkpoints" / "best.ckpt")
 
-    meters = {a: Meter() for a in APPROACHES}
+    meters = {a: Meter(base_cfg.learn.num_threads if a == "learner" else 0) for a in APPROACHES}
     with meters["stale"]:
         stale_config, stale_ckpt = fit_on(t0, "stale")
     cost_file = work / "runs" / "stale" / "bench_cost.json"
@@ -411,7 +422,7 @@ def run_windows(args, work: Path) -> dict | None:
     learnt_events = {"learner": edges[last] - t0, "periodic": edges[last - 1] - t0, "retrain": edges[last - 1] - t0}
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "config": fit_overrides + learn_overrides, "approaches": approaches, "edges": edges,
-            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "lr")}
+            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "lr", "dropout", "num_threads")}
             | {"trainer.lr": learner.cfg.trainer.lr},
             "windows": windows, "per_event": per_event,
             "cpu": {a: meters[a].cpu for a in APPROACHES}, "wall": {a: meters[a].wall for a in APPROACHES},

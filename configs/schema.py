@@ -435,6 +435,10 @@ class LearnConfig:
     "Publish an export (to --export) after this many steps (0: by time only); an export commits first."
     export_every_s: float = 30.0
     "... or after this many seconds of learning (0: by steps only); `serve` on that folder swaps it in."
+    num_threads: int = 1
+    "Torch threads of `twotower learn` (0: trainer.num_threads, else torch's default). One by default: a step is a few hundred short sequences, too small for a second thread to pay (a profile of 2,560 events on bench/online.py's stale model: 1.9 ms of CPU per event at two threads, 1.4 at one)."
+    dropout: Optional[float] = 0.0
+    "The user tower's dropout while learning online (null: the model's model.user.dropout). Off by default: chosen on bench/online.py's first two windows, where it cost a fifth of the learner's CPU (57 s against 43 s at replay 0.2) and bought no NDCG (at replay 0.5 the learner beat the stale model by +0.0057 without it, +0.0047 with it)."
     max_steps: int = 0
     "Stop after this many steps (0: no limit)."
     idle_exit_s: float = 0.0
@@ -449,8 +453,10 @@ class LearnConfig:
         _check_positive("learn.commit_every_steps", self.commit_every_steps)
         for key in ("step_wait_s", "commit_every_s", "export_every_s", "idle_exit_s"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
-        for key in ("export_every_steps", "max_steps"):
+        for key in ("export_every_steps", "max_steps", "num_threads"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"learn.dropout={self.dropout}: expected 0 <= x < 1, or null for the model's own")
 
 
 @dataclass

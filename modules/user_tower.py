@@ -125,6 +125,14 @@ class UserTower(nn.Module):
         nn.init.normal_(table.weight, std=0.02)
         return table
 
+    def set_dropout(self, rate: float) -> None:
+        """Every dropout of the tower (inputs, attention, blocks) at `rate` from now on."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+            elif isinstance(module, tuple(BLOCKS.values())):
+                module.dropout = rate
+
     def forward(self, item_vectors: torch.Tensor, valid: torch.Tensor, gaps: torch.Tensor | None = None,
                 actions: torch.Tensor | None = None) -> torch.Tensor:
         """item_vectors [B, L, d] (left-padded, L <= max_len), valid [B, L], the time-gap and action

@@ -87,6 +87,8 @@ class Learner:
         self.stream = open_stream(cfg.stream.url, cfg.stream.segment_bytes) if self.rank == 0 else None
         data = ShardDataModule(cfg)
         self.module: TwoTowerModule = load_module(checkpoint, data, cfg, new_items=True).train()
+        if cfg.learn.dropout is not None:
+            self.module.model.user_tower.set_dropout(cfg.learn.dropout)
         if self.world > 1:  # each rank's own candidates: the batches differ in size, and may be empty
             model = self.module.cfg.model
             self.module.cfg = replace(self.module.cfg, model=replace(model, loss=replace(model.loss, local_loss=True)))
@@ -448,8 +450,8 @@ def init_process_group(cfg: Config) -> None:
 
 def learn(cfg: Config, checkpoint: str, export_to: str | Path | None = None) -> dict:
     """Follow the stream and learn until stopped (`learn.max_steps`, `learn.idle_exit_s`, SIGTERM)."""
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.learn.num_threads or cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.learn.num_threads or cfg.trainer.num_threads)
     init_process_group(cfg)
     learner = Learner(cfg, checkpoint, export_to)
     if learner.rank == 0:

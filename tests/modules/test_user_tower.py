@@ -148,3 +148,20 @@ def test_features_add_their_embeddings_to_the_inputs_and_stay_causal():
 def test_an_action_feature_without_action_codes_is_refused():
     with pytest.raises(ValueError, match="model.user.actions=true, but the data has no action codes"):
         featured_tower(num_actions=0)
+
+
+@ARCHITECTURES
+def test_set_dropout_zero_makes_training_mode_compute_what_eval_mode_does(architecture):
+    """`twotower learn` runs with learn.dropout=0: in training mode the tower must then be
+    deterministic and equal to its eval-mode output; at a positive rate it draws masks again."""
+    torch.manual_seed(0)
+    cfg = UserTowerConfig(architecture=architecture, layers=2, heads=2, dropout=0.3, max_len=8)
+    tower = UserTower(cfg, dim=16)
+    x, valid = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
+    expected = tower.eval()(x, valid)
+    tower.train()
+    assert not torch.allclose(tower(x, valid), expected)  # dropout 0.3 draws masks
+    tower.set_dropout(0.0)
+    torch.testing.assert_close(tower(x, valid), expected)
+    tower.set_dropout(0.3)
+    assert not torch.allclose(tower(x, valid), expected)
