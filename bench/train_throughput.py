@@ -11,7 +11,7 @@ default: `+act_ckpt` (model.item/user.activation_checkpointing=true: its RSS / G
 default's is the point; it trades speed for that).
 
     python bench/train_throughput.py                  # CPU, 1,000 synthetic users, 4 steps per recipe
-    python bench/train_throughput.py --quick          # a smoke run: seconds per recipe
+    python bench/train_throughput.py --quick          # a smoke run (under a minute): a tiny random BERT
     python bench/train_throughput.py --device cuda --batch-size 128 --steps 20
     python bench/train_throughput.py --steps 20 data.synthetic.num_users=3000   # any config override
 
@@ -23,7 +23,7 @@ Columns, per recipe, over the timed steps (all but the first `--warmup` steps, d
   tok/item    token width the encoder ran per item row (padding included)
   GFLOP/s     the item tower's achieved rate from the analytic count below, over the whole step time
   %fp32 %bf16 that rate as a share of the fp32 / bf16 matmul peak (torch.matmul on 2048x2048 for
-              ~1.5 s each, measured at start and at end, the higher kept)
+              ~1.5 s each, measured at start and at end, the higher kept; --quick: 256x256, ~0.05 s)
   RSS MB      peak resident memory during the recipe (VmHWM, reset per recipe through
               /proc/self/clear_refs); on CUDA also the peak allocated GPU memory
   cache s     one-time build of the frozen-layer cache (not in the timed steps)
@@ -201,20 +201,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the timing (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores; --quick: 1)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: %(default)s")
-    parser.add_argument("--quick", action="store_true", help="300 users, tiny batches, 3 steps: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: a tiny random BERT, 200 users, tiny batches, 3 steps, 50 validation users, "
+                             "1 thread")
     parser.add_argument("--out", help="working folder (default: a new temporary one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every recipe")
     args = parser.parse_args()
+    # The matmul peak: 2048^2 operands for ~1.5 s each (one bf16 product alone takes about a minute on a
+    # CPU without bf16 matmul units); --quick: 256^2 for ~0.05 s, enough for the column to exist.
+    peak_n, peak_s = 2048, 1.5
+    quick_overrides, tiny = [], None
     if args.quick:
+        # A smoke run, so that the benchmark cannot rot: every recipe end to end, numbers meaningless.
+        # A 2-layer, 32-wide random BERT (MiniLM's tokenizer) instead of MiniLM: the bf16 recipe alone
+        # took minutes of MiniLM on CPU (the whole quick run 674 s on 2 busy cores; now ~25 s).
         args.steps, args.batch_size = 3, 2
-        args.overrides = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "data.max_len=5",
-                          "model.loss.num_negatives=8", *args.overrides]
+        peak_n, peak_s = 256, 0.05
+        quick_overrides = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "data.max_len=5",
+                           "model.loss.num_negatives=8", "trainer.limit_val_users=50"]
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
-    torch.set_num_threads(args.threads or os.cpu_count())
+    # --quick runs on one thread: next to other jobs (a CI runner, pytest -n), tiny ops on several
+    # threads spent most of their time waiting for each other (81 s against 25 s on 2 busy cores).
+    torch.set_num_threads(args.threads or (1 if args.quick else os.cpu_count()))
     work = Path(args.out or tempfile.mkdtemp(prefix="tput_"))
+    if args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers import save_tiny_bert
+
+        tiny = save_tiny_bert(work / "tiny-bert")
+        quick_overrides.append(f"model.item.encoder={tiny}")
+    args.overrides = [*quick_overrides, *args.overrides]
     # The synthetic texts run 19-39 MiniLM tokens (median 27); a fixed-padding recipe that must not
     # truncate pads them to 64.
     common = ["model.mode=text", "data.synthetic.num_users=1000", "data.max_len=10", "data.max_text_len=64",
@@ -228,13 +247,20 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + f"; {cpu}; {os.cpu_count()} cores, torch {torch.__version__} threads {torch.get_num_threads()}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"steps {args.steps} per recipe ({args.warmup} warm-up, not timed); encoder {cfg.model.item.encoder}, "
+    encoder = cfg.model.item.encoder
+    if encoder == tiny:
+        encoder = f"a tiny random BERT (2 layers, 32 wide, MiniLM's tokenizer; --quick) at {tiny}"
+    print(f"steps {args.steps} per recipe ({args.warmup} warm-up, not timed); encoder {encoder}, "
           f"batch {cfg.data.batch_size}, max_len {cfg.data.max_len}, max_text_len {cfg.data.max_text_len}, "
           f"negatives {cfg.model.loss.num_negatives}, users {cfg.data.synthetic.num_users}, items {cfg.data.synthetic.num_items}")
+    if args.quick:
+        print(f"--quick: a smoke run, its numbers mean nothing; matmul peak on {peak_n}^2 for {peak_s} s; "
+              f"validation on {cfg.trainer.limit_val_users or 'all'} users")
     print(f"common overrides: {' '.join(common)}")
     prepare(cfg)
-    peaks = {name: matmul_peak(dtype, args.device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"matmul peak (2048^2): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = {name: matmul_peak(dtype, args.device, peak_s, peak_n)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"matmul peak ({peak_n}^2): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     rows = {}
     for name in args.recipes.split(","):
         overrides = common + RECIPES[name]
@@ -244,7 +270,8 @@ def main() -> None:
         print(f"[{name}] {r['timed_steps']} timed steps in {r['seconds']:.1f}s, {r['precision']}", flush=True)
     # Measured again at the end, the higher kept: a peak taken while other processes held the cores
     # would flatter every share.
-    again = {name: matmul_peak(dtype, args.device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    again = {name: matmul_peak(dtype, args.device, peak_s, peak_n)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"\nmatmul peak at end: fp32 {again['fp32']:.0f}, bf16 {again['bf16']:.0f} GFLOP/s (the higher of start and end is used)")
     peaks = {name: max(peaks[name], again[name]) for name in peaks}
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
