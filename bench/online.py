@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +69,9 @@ DATA_OVERRIDES = {"ml100k": ["data.name=ml100k", "data.text_fields=[title,text]"
                   "amazon-office": ["data.name=amazon-office", "data.text_fields=[title]"]}
 BENCH_CONFIG = ["model.item.train_layers=0", "logger.wandb.mode=disabled", "trainer.patience=2"]
 """The benchmark's model: MiniLM frozen (its pooled vectors cached once per catalogue), so that a fit
-is minutes on 2 cores. The learner runs with its defaults (learn.lr 1e-4, learn.replay_fraction 0.5,
-chosen on the built-in timeline's first two windows: lr 3e-3 and 3e-4 at replay 0.3 fell below the
-stale model there or later)."""
+is minutes on 2 cores. The learner runs with its defaults (learn.lr 1e-4, learn.replay_fraction 0.2,
+learn.history_len 16, learn.dropout 0, learn.num_threads 1; chosen on the built-in timeline's first two
+windows: lr 3e-3 and 3e-4 at replay 0.3 fell below the stale model there or later)."""
 K = 10
 
 
@@ -336,6 +337,10 @@ def run_windows(args, work: Path) -> dict | None:
     print(f"stale model: {meters['stale'].wall:.0f} s wall, {meters['stale'].cpu:.0f} s CPU", flush=True)
     scorers: dict[str, object] = {}
     streams = work / "streams"
+    # A learner resumes from its learn.dir: one left by an earlier run in this folder (--reuse) would
+    # start having learnt the whole timeline already. Every stream and learner starts empty.
+    for earlier in (streams, work / "learn"):
+        shutil.rmtree(earlier, ignore_errors=True)
     if "stale" in approaches:
         scorers["stale"] = make_learner(stale_config, stale_ckpt, streams / "stale", work / "learn" / "stale", learn_overrides)
     learner = None
@@ -422,7 +427,7 @@ def run_windows(args, work: Path) -> dict | None:
     learnt_events = {"learner": edges[last] - t0, "periodic": edges[last - 1] - t0, "retrain": edges[last - 1] - t0}
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "config": fit_overrides + learn_overrides, "approaches": approaches, "edges": edges,
-            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "lr", "dropout", "num_threads")}
+            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "history_len", "lr", "dropout", "num_threads")}
             | {"trainer.lr": learner.cfg.trainer.lr},
             "windows": windows, "per_event": per_event,
             "cpu": {a: meters[a].cpu for a in APPROACHES}, "wall": {a: meters[a].wall for a in APPROACHES},
@@ -561,6 +566,8 @@ def freshness(args, work: Path, stale: tuple[Path, str] | None) -> dict:
     items_by_id = items.set_index("item_id").to_dict("index")
     late = events[cut:]
     stream, export_dir = work / "fresh-stream", work / "fresh-export"
+    for earlier in (stream, export_dir, work / "fresh-learn"):  # an earlier run's, in this folder: start empty
+        shutil.rmtree(earlier, ignore_errors=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
