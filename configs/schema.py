@@ -436,7 +436,7 @@ class LearnConfig:
     export_every_s: float = 30.0
     "... or after this many seconds of learning (0: by steps only); `serve` on that folder swaps it in."
     history_len: int = 16
-    "Most history items before a step's new events in the sequence that trains them (0: data.max_len). A new event is one target at the end of its user's sequence, so that sequence's length is what the step pays for it; replayed sequences keep data.max_len (they train every position). 16 against data.max_len (50) on bench/online.py's first two windows: the same gain over the stale model (+0.0055 against +0.0057 NDCG@10, replay 0.5) at four fifths of the CPU."
+    "The first of a user's new events in a step is predicted from at most this many earlier items (0: data.max_len; the sequence that trains the step's new events holds at most data.max_len + 1 items). A new event is one target at the end of its user's sequence, so that sequence's length is what the step pays for it; replayed sequences keep data.max_len (they train every position). 16 against data.max_len (50) on bench/online.py's first two windows: the same gain over the stale model (+0.0055 against +0.0057 NDCG@10, replay 0.5) at four fifths of the CPU."
     num_threads: int = 1
     "Torch threads of `twotower learn` (0: trainer.num_threads, else torch's default). One by default: a step is a few hundred short sequences, too small for a second thread to pay (a profile of 2,560 events on bench/online.py's stale model: 1.9 ms of CPU per event at two threads, 1.4 at one)."
     dropout: Optional[float] = 0.0

@@ -246,8 +246,8 @@ class Learner:
         """(this rank's training sequences, how many new events are targets, how many replayed
         cases). A user's new events are appended to the history, and the sequence ending at the
         newest trains them as targets (a user with more than data.max_len new events in one step
-        gets several sequences); a new user's first event is history only. Their sequences hold at
-        most learn.history_len items of history before the first new event."""
+        gets several sequences); a new user's first event is history only. The first new event is
+        predicted from at most learn.history_len items (the last from at most data.max_len)."""
         max_len, mine, targets = self.cfg.data.max_len, [], 0
         history_len = min(self.cfg.learn.history_len or max_len, max_len)
         by_user: dict[str, list[Event]] = {}
@@ -265,7 +265,7 @@ class Learner:
             end = before + len(new)
             for start in range(first, end, max_len):
                 stop = min(start + max_len, end)
-                mine.append(self.histories.sequence(user, stop, min(max_len, stop - start + history_len) + 1, start))
+                mine.append(self.histories.sequence(user, stop, min(max_len, stop - start - 1 + history_len) + 1, start))
                 targets += stop - start
         replay_share = self.cfg.learn.replay_fraction
         replays = math.ceil(len(mine) * replay_share / (1 - replay_share)) if mine else 0

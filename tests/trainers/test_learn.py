@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -220,3 +221,36 @@ def test_a_step_waits_up_to_step_wait_s_for_a_full_step(trained, wait_s):
         fetched, _ = learner._fetch()
         late.join()
     assert len(fetched) == (20 if wait_s else 8)
+
+
+def test_history_len_crops_the_history_before_a_steps_new_events(trained):
+    """A step's new events of a user train in one sequence ending at the newest, the first of them
+    predicted from at most learn.history_len items (data.max_len + 1 items in all)."""
+    from twotower.trainers.learn import Learner
+
+    folder, overrides, paths = trained
+    url = str(folder / "stream-history")
+    fill_stream(url, paths)
+    cfg = load_config([], [*overrides, f"stream.url={url}", f"learn.dir={folder / 'learn-history'}",
+                           "learn.history_len=3", "learn.replay_fraction=0", "learn.step_events=200"])
+    learner = Learner(cfg, str(folder / "run" / "checkpoints" / "best.ckpt"))
+    events_records, item_records = learner._fetch()
+    learner._take_items(item_records)
+    max_len = cfg.data.max_len
+    events, new = [], {}
+    for e in learner._take_events(events_records):
+        if new.get(e.user_id, 0) < max_len:  # at most max_len new events per user: one sequence each
+            new[e.user_id] = new.get(e.user_id, 0) + 1
+            events.append(e)
+    before = {e.user_id: learner.histories.length(e.user_id) for e in events}
+    sequences, targets, replayed = learner._sequences(events, np.random.default_rng(0))
+    users = [u for u in dict.fromkeys(e.user_id for e in events) if before[u] + new[u] > 1]
+    assert len(sequences) == len(users) and replayed == 0
+    for user, (items, _, _, left_out) in zip(users, sequences):
+        whole = learner.histories.sequence(user, before[user] + new[user], before[user] + new[user], 0)[0]
+        cases = min(new[user], before[user] + new[user] - 1)  # a new user's first event is history only
+        history = min(3, before[user] + new[user] - cases)  # items before the first new target
+        assert len(items) == min(max_len, cases - 1 + history) + 1
+        assert list(items) == list(whole[-len(items):])
+        assert left_out == len(items) - 1 - min(cases, max_len)
+    assert targets == sum(min(new[u], before[u] + new[u] - 1) for u in users)
