@@ -301,7 +301,10 @@ def run_windows(args, work: Path) -> dict | None:
     edges = boundaries(events["timestamp"].to_numpy(), args.cut, args.windows)
     t0 = edges[0]
     timeline = Timeline(events, t0)
-    model_overrides = [f"model.mode={args.mode}", "data.source=table", *BENCH_CONFIG, *data_overrides, *args.overrides]
+    # Every fit, retrain, update and learner of the run shares one frozen-encoder cache on disk, as a
+    # deployment that sets model.item.frozen_cache_dir does: a catalogue already encoded is read back.
+    model_overrides = [f"model.mode={args.mode}", "data.source=table", *BENCH_CONFIG, f"model.item.frozen_cache_dir={work / 'frozen-cache'}",
+                       *data_overrides, *args.overrides]
     learn_overrides = [o for o in model_overrides if o.startswith(("learn.", "stream."))]
     fit_overrides = [o for o in model_overrides if not o.startswith(("learn.", "stream."))]
     base_cfg = load_config([], [o for o in model_overrides if o != "data.source=table"])
