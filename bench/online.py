@@ -69,9 +69,9 @@ DATA_OVERRIDES = {"ml100k": ["data.name=ml100k", "data.text_fields=[title,text]"
                   "amazon-office": ["data.name=amazon-office", "data.text_fields=[title]"]}
 BENCH_CONFIG = ["model.item.train_layers=0", "logger.wandb.mode=disabled", "trainer.patience=2"]
 """The benchmark's model: MiniLM frozen (its pooled vectors cached once per catalogue), so that a fit
-is minutes on 2 cores. The learner runs with its defaults (learn.lr 1e-4, learn.replay_fraction 0.2,
-learn.history_len 16, learn.dropout 0, learn.num_threads 1; chosen on the built-in timeline's first two
-windows: lr 3e-3 and 3e-4 at replay 0.3 fell below the stale model there or later)."""
+is minutes on 2 cores. The learner runs with its defaults (learn.lr 1e-4, learn.replay_fraction 0.33,
+learn.history_len 16, learn.replay_len 16, learn.dropout 0, learn.num_threads 1; chosen on the built-in
+timeline's first two windows: lr 3e-3 and 3e-4 at replay 0.3 fell below the stale model there or later)."""
 K = 10
 
 
@@ -430,7 +430,7 @@ def run_windows(args, work: Path) -> dict | None:
     learnt_events = {"learner": edges[last] - t0, "periodic": edges[last - 1] - t0, "retrain": edges[last - 1] - t0}
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "config": fit_overrides + learn_overrides, "approaches": approaches, "edges": edges,
-            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "history_len", "lr", "dropout", "num_threads")}
+            "learner_settings": None if learner is None else {k: getattr(learner.cfg.learn, k) for k in ("step_events", "replay_fraction", "history_len", "replay_len", "lr", "dropout", "num_threads")}
             | {"trainer.lr": learner.cfg.trainer.lr},
             "windows": windows, "per_event": per_event,
             "cpu": {a: meters[a].cpu for a in APPROACHES}, "wall": {a: meters[a].wall for a in APPROACHES},

@@ -423,8 +423,8 @@ class LearnConfig:
     "Most new events one step learns (fewer when the stream has fewer; a step waits for none)."
     step_wait_s: float = 1.0
     "A step that finds fewer than step_events new events waits up to this long for more (a live stream at 20 events/s would otherwise make steps of one or two events, each a full optimizer step); 0: take what is there."
-    replay_fraction: float = 0.2
-    "Share of each step's sequences that replay older events of other users (against forgetting); a replayed sequence's targets are all older than the step's new events. Chosen on the first two windows of bench/online.py's built-in timeline (lr 1e-4, no dropout, history_len 16): 0.5 gained more over the stale model (+0.0055 NDCG@10 against +0.0035) but cost 1.5 times the CPU, past the quarter of a full retrain's that issue 22 allows; 0.2 is within it."
+    replay_fraction: float = 0.33
+    "Share of each step's sequences that replay older events of other users (against forgetting); a replayed sequence's targets are all older than the step's new events. Chosen with replay_len on the first two windows of bench/online.py's built-in timeline (lr 1e-4, no dropout, history_len 16), NDCG@10 over the stale model and learner CPU per event: replay 0.2 of full-length sequences +0.0037 at 1.17 ms; replay_len 16 with replay 0.2 +0.0041 at 0.65 ms, 0.33 +0.0052 at 0.73 ms, 0.5 +0.0054 at 0.72 ms (a tie with 0.33, which draws fewer sequences)."
     lr: Optional[float] = 1e-4
     "Learning rate (null: trainer.lr); the optimizer starts fresh with trainer.warmup_steps, and continues across restarts. Lower than training's: at trainer.lr (3e-3) the learner fell below the stale model in bench/online.py's first window."
     commit_every_steps: int = 20
@@ -436,7 +436,9 @@ class LearnConfig:
     export_every_s: float = 30.0
     "... or after this many seconds of learning (0: by steps only); `serve` on that folder swaps it in."
     history_len: int = 16
-    "The first of a user's new events in a step is predicted from at most this many earlier items (0: data.max_len; the sequence that trains the step's new events holds at most data.max_len + 1 items). A new event is one target at the end of its user's sequence, so that sequence's length is what the step pays for it; replayed sequences keep data.max_len (they train every position). 16 against data.max_len (50) on bench/online.py's first two windows: the same gain over the stale model (+0.0055 against +0.0057 NDCG@10, replay 0.5) at four fifths of the CPU."
+    "The first of a user's new events in a step is predicted from at most this many earlier items (0: data.max_len; the sequence that trains the step's new events holds at most data.max_len + 1 items). A new event is one target at the end of its user's sequence, so that sequence's length is what the step pays for it. 16 against data.max_len (50) on bench/online.py's first two windows: the same gain over the stale model (+0.0055 against +0.0057 NDCG@10, replay 0.5 of full-length sequences) at four fifths of the CPU."
+    replay_len: int = 16
+    "A replayed sequence is a window of at most replay_len + 1 of the user's items (0: data.max_len), every position a target, the last predicted from replay_len items: at 16 rather than data.max_len (50) replay cost less than half and gained more (see replay_fraction)."
     num_threads: int = 1
     "Torch threads of `twotower learn` (0: trainer.num_threads, else torch's default). One by default: a step is a few hundred short sequences, too small for a second thread to pay (a profile of 2,560 events on bench/online.py's stale model: 1.9 ms of CPU per event at two threads, 1.4 at one)."
     dropout: Optional[float] = 0.0
@@ -455,7 +457,7 @@ class LearnConfig:
         _check_positive("learn.commit_every_steps", self.commit_every_steps)
         for key in ("step_wait_s", "commit_every_s", "export_every_s", "idle_exit_s"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
-        for key in ("export_every_steps", "max_steps", "num_threads", "history_len"):
+        for key in ("export_every_steps", "max_steps", "num_threads", "history_len", "replay_len"):
             _check_positive(f"learn.{key}", getattr(self, key), allow_zero=True)
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"learn.dropout={self.dropout}: expected 0 <= x < 1, or null for the model's own")

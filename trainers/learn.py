@@ -250,6 +250,7 @@ class Learner:
         predicted from at most learn.history_len items (the last from at most data.max_len)."""
         max_len, mine, targets = self.cfg.data.max_len, [], 0
         history_len = min(self.cfg.learn.history_len or max_len, max_len)
+        replay_len = min(self.cfg.learn.replay_len or max_len, max_len)
         by_user: dict[str, list[Event]] = {}
         for event in events:
             by_user.setdefault(event.user_id, []).append(event)
@@ -272,7 +273,7 @@ class Learner:
         replayed, old = 0, [u for u in self.own_users if u not in by_user and self.histories.length(u) >= 2]
         for user in (old[i] for i in rng.choice(len(old), min(replays, len(old)), replace=False)) if old else ():
             end = int(rng.integers(2, self.histories.length(user) + 1))
-            mine.append(self.histories.sequence(user, end, max_len + 1, 1))
+            mine.append(self.histories.sequence(user, end, replay_len + 1, 1))
             replayed += mine[-1][0].shape[0] - 1 - mine[-1][3]
         return mine, targets, replayed
 
