@@ -223,16 +223,17 @@ def test_a_step_waits_up_to_step_wait_s_for_a_full_step(trained, wait_s):
     assert len(fetched) == (20 if wait_s else 8)
 
 
-def test_history_len_crops_the_history_before_a_steps_new_events(trained):
+def test_history_len_and_replay_len_crop_the_learners_sequences(trained):
     """A step's new events of a user train in one sequence ending at the newest, the first of them
-    predicted from at most learn.history_len items (data.max_len + 1 items in all)."""
+    predicted from at most learn.history_len items (data.max_len + 1 items in all); a replayed
+    sequence is a window of at most learn.replay_len + 1 items, every position a target."""
     from twotower.trainers.learn import Learner
 
     folder, overrides, paths = trained
     url = str(folder / "stream-history")
     fill_stream(url, paths)
     cfg = load_config([], [*overrides, f"stream.url={url}", f"learn.dir={folder / 'learn-history'}",
-                           "learn.history_len=3", "learn.replay_fraction=0", "learn.step_events=200"])
+                           "learn.history_len=3", "learn.replay_len=4", "learn.replay_fraction=0.5", "learn.step_events=200"])
     learner = Learner(cfg, str(folder / "run" / "checkpoints" / "best.ckpt"))
     events_records, item_records = learner._fetch()
     learner._take_items(item_records)
@@ -245,7 +246,10 @@ def test_history_len_crops_the_history_before_a_steps_new_events(trained):
     before = {e.user_id: learner.histories.length(e.user_id) for e in events}
     sequences, targets, replayed = learner._sequences(events, np.random.default_rng(0))
     users = [u for u in dict.fromkeys(e.user_id for e in events) if before[u] + new[u] > 1]
-    assert len(sequences) == len(users) and replayed == 0
+    assert len(sequences) == 2 * len(users)  # replay 0.5: as many replayed sequences as new ones
+    replays = sequences[len(users):]
+    assert all(2 <= len(items) <= 5 and left_out == 0 for items, _, _, left_out in replays)
+    assert replayed == sum(len(items) - 1 for items, _, _, _ in replays)
     for user, (items, _, _, left_out) in zip(users, sequences):
         whole = learner.histories.sequence(user, before[user] + new[user], before[user] + new[user], 0)[0]
         cases = min(new[user], before[user] + new[user] - 1)  # a new user's first event is history only
