@@ -82,7 +82,7 @@ def cpu_seconds() -> float:
 
 class Meter:
     """CPU and wall seconds spent inside `with meter:` blocks, summed; with `threads`, torch runs
-    that many threads inside them (as `twotower learn` does with learn.num_threads)."""
+    that many threads inside them (the learner's: `trainers.learn.learn_threads`)."""
 
     def __init__(self, threads: int = 0):
         self.cpu = self.wall = 0.0
@@ -289,6 +289,7 @@ def run_windows(args, work: Path) -> dict | None:
     from twotower.configs import load_config
     from twotower.datamodules.prepare import prepare, prepare_append
     from twotower.trainers.fit import fit
+    from twotower.trainers.learn import learn_threads
     from twotower.trainers.update import update
 
     loaded = load_timeline(args, work)
@@ -329,7 +330,7 @@ def run_windows(args, work: Path) -> dict | None:
                                              f"run.dir={run}", f"trainer.max_epochs={args.epochs}"]))
         return run / "config.yaml", str(run / "checkpoints" / "best.ckpt")
 
-    meters = {a: Meter(base_cfg.learn.num_threads if a == "learner" else 0) for a in APPROACHES}
+    meters = {a: Meter(learn_threads(base_cfg) if a == "learner" else 0) for a in APPROACHES}
     with meters["stale"]:
         stale_config, stale_ckpt = fit_on(t0, "stale")
     cost_file = work / "runs" / "stale" / "bench_cost.json"

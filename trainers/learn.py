@@ -451,10 +451,15 @@ def init_process_group(cfg: Config) -> None:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.trainer.collective_timeout_s))
 
 
+def learn_threads(cfg: Config) -> int:
+    """Torch threads `twotower learn` runs: learn.num_threads, else trainer.num_threads (0: torch's default)."""
+    return cfg.learn.num_threads or cfg.trainer.num_threads
+
+
 def learn(cfg: Config, checkpoint: str, export_to: str | Path | None = None) -> dict:
     """Follow the stream and learn until stopped (`learn.max_steps`, `learn.idle_exit_s`, SIGTERM)."""
-    if cfg.learn.num_threads or cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.learn.num_threads or cfg.trainer.num_threads)
+    if learn_threads(cfg):
+        torch.set_num_threads(learn_threads(cfg))
     init_process_group(cfg)
     learner = Learner(cfg, checkpoint, export_to)
     if learner.rank == 0:
