@@ -65,12 +65,18 @@ def _freeze_all_but_top(encoder: nn.Module, train_layers: int) -> None:
 
 
 class ItemTower(nn.Module):
-    def __init__(self, cfg: ItemTowerConfig, mode: str, num_items: int, dim: int):
+    def __init__(self, cfg: ItemTowerConfig, mode: str, num_items: int, dim: int, new_item_row: bool = False):
+        """`new_item_row` (id+text): a learned ID row shared by every item without a trained one
+        (`untrained`, and items embedded after training): an item that has never been seen
+        gets its text vector plus that row (`model.loss.cold_weight` trains it)."""
         super().__init__()
         self.cfg, self.mode = cfg, mode
         self.id_embedding = nn.Embedding(num_items, dim) if "id" in mode.split("+") else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=cfg.id_init_std)
+        self.new_item_id = nn.Parameter(torch.zeros(dim)) if new_item_row and mode == "id+text" else None
+        self.untrained = torch.zeros(num_items, dtype=torch.bool)
+        "[num_items] bool: items whose ID row never trains (held out), served as a new item is (host memory, like `tokens`)."
         self.encoder = self.adapter = self.projection = None
         if "text" in mode:
             encoder = AutoModel.from_pretrained(resolve_encoder(cfg.encoder), attn_implementation=cfg.attention)
@@ -117,6 +123,7 @@ class ItemTower(nn.Module):
             return torch.nn.functional.pad(t.to("cpu", torch.int32), (0, width - t.shape[1]))
         self.tokens = torch.cat([widened(self.tokens), widened(tokens)])
         self.lengths = torch.cat([self.lengths, lengths.to("cpu", torch.long)])
+        self.untrained = torch.cat([self.untrained, torch.zeros(len(lengths), dtype=torch.bool)])  # their rows train
         if self.frozen_cache is not None:
             was_training = self.encoder.training
             self.encoder.eval()
@@ -237,10 +244,16 @@ class ItemTower(nn.Module):
         return self._project(self._pool(hidden, attention_mask))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text vectors [n, dim] for tokenised texts (also items that did not exist at training)."""
+        """Text vectors [n, dim] for tokenised texts."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_layers != 0):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self._pool_and_project(hidden, attention_mask)
+
+    def encode_new(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Vectors [n, dim] of items that did not exist at training, from their tokenised texts:
+        the text vector, plus the learned new-item ID row where there is one."""
+        vectors = self.encode_text(input_ids, attention_mask)
+        return vectors if self.new_item_id is None else vectors + self.new_item_id
 
     def padded_chunks(self, items: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """How `forward` runs these items through the encoder: (positions into `items`, token width)
@@ -265,11 +278,13 @@ class ItemTower(nn.Module):
             return self._pool_and_project(self._top_layers(hidden, mask), mask)
         return self.encode_text(self._tokens_of(items, width), mask)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, text_only: bool = False) -> torch.Tensor:
         """Vectors [n, dim] of catalogue items (indices [n]). Tokens are trimmed to the longest
         text of each chunk of `padded_chunks` (dynamic padding), so short titles cost what they
         are; with `dynamic_padding=false` every item runs the catalogue's full width (same
-        vectors, more work)."""
+        vectors, more work). `text_only` (id+text): each item as if it had no trained ID row, the
+        vector a new item gets: its text part, plus the new-item row where there is one
+        (`model.loss.cold_weight`); items marked `untrained` always get that vector."""
         out = None
         if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
             out = self._project(self._cached(items))
@@ -278,10 +293,14 @@ class ItemTower(nn.Module):
             out = torch.cat([self._encode_width(items[positions], width) for positions, width in chunks])
             if len(chunks) > 1:  # back from length order to the order asked for
                 out = out[torch.cat([positions for positions, _ in chunks]).argsort()]
-        if self.id_embedding is not None:
-            ids = self.id_embedding(items)
-            if out is not None and self.training and self.cfg.id_dropout > 0:
-                # Some items train on their text alone, as a new item must serve (DropoutNet).
-                ids = ids * (torch.rand(len(items), 1, device=ids.device) >= self.cfg.id_dropout).to(ids.dtype)
-            out = ids if out is None else out + ids
-        return out
+        if self.id_embedding is None:
+            return out
+        if out is not None and text_only:
+            return out if self.new_item_id is None else out + self.new_item_id
+        ids = self.id_embedding(items)
+        if self.new_item_id is not None and len(self.untrained):
+            ids = torch.where(self.untrained[items.cpu()].to(items.device)[:, None], self.new_item_id.to(ids.dtype), ids)
+        if out is not None and self.training and self.cfg.id_dropout > 0:
+            # Some items train on their text alone, as a new item must serve (DropoutNet).
+            ids = ids * (torch.rand(len(items), 1, device=ids.device) >= self.cfg.id_dropout).to(ids.dtype)
+        return ids if out is None else out + ids

@@ -61,6 +61,11 @@ class TwoTowerModule(pl.LightningModule):
         self.register_buffer("item_counts", train_counts.long() + 1, persistent=False)
         self.count_total = int(train_counts.sum()) + num_items
         self.register_buffer("eligible", torch.nonzero(~cold).squeeze(1), persistent=False)
+        if self.model.item_tower.id_embedding is not None:
+            # Held-out items never train, so their rows stay zero; in id+text they are ranked as
+            # serving ranks an item added after training (text, plus the new-item row if any).
+            self.model.item_tower.id_embedding.weight.data[cold.to(torch.bool)] = 0.0
+            self.model.item_tower.untrained = cold.to("cpu", torch.bool)
         self.test_split = "test"
         "Which split `trainer.test` ranks (test or cold); also its metrics' prefix."
         self._step_started = None
@@ -96,7 +101,9 @@ class TwoTowerModule(pl.LightningModule):
         table = self.model.catalogue_table()
         states = self.model.user_states(inputs, table)
         labels = torch.searchsorted(self.eligible, targets[positions])
-        return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature)
+        loss_cfg = self.cfg.model.loss
+        return softmax_loss(states[positions], table[self.eligible], labels, loss_cfg.temperature,
+                            **self._text_copies(self.eligible))
 
     def _sampled_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each distinct item of the batch (and of the sampled negatives) is encoded once; the
@@ -108,14 +115,24 @@ class TwoTowerModule(pl.LightningModule):
         distinct, vectors, history = self._batch_item_vectors(items, torch.cat([in_batch, negatives]))
         states = self.model.user_tower(history, items >= 0, inputs.gaps, inputs.actions)
         labels = torch.searchsorted(distinct, targets[positions])
+        cold = self._text_copies(distinct)
         if rank_and_world()[1] > 1 and not loss_cfg.local_loss:
             return cross_rank_softmax_loss(states[positions], vectors, labels, distinct, loss_cfg.temperature,
                                            self.item_prob if loss_cfg.logq else None, len(in_batch),
-                                           loss_cfg.num_negatives, len(self.eligible))
+                                           loss_cfg.num_negatives, len(self.eligible), **cold)
         log_q = None
         if loss_cfg.logq:
             log_q = expected_draws_log(self.item_prob[distinct], len(in_batch), loss_cfg.num_negatives, len(self.eligible))
-        return softmax_loss(states[positions], vectors, labels, loss_cfg.temperature, log_q.to(vectors.dtype) if log_q is not None else None)
+        return softmax_loss(states[positions], vectors, labels, loss_cfg.temperature,
+                            log_q.to(vectors.dtype) if log_q is not None else None, **cold)
+
+    def _text_copies(self, candidates: torch.Tensor) -> dict:
+        """`softmax_loss`'s text-only copies of the candidates (item indices) and their weight,
+        with `model.loss.cold_weight`; else nothing."""
+        weight = self.cfg.model.loss.cold_weight
+        if not weight:
+            return {}
+        return {"text_candidates": self.model.item_tower(candidates, text_only=True), "text_weight": weight}
 
     def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distinct items, their vectors, the history's vectors [B, L, d]); `occurrences` are the

@@ -28,27 +28,50 @@ def softmax_loss(
     candidate_ids: torch.Tensor | None = None,
     target_ids: torch.Tensor | None = None,
     drop: torch.Tensor | None = None,
+    text_candidates: torch.Tensor | None = None,
+    text_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean CE of queries [P, d] against candidates [C, d]; `labels` [P] index the positive.
 
     `log_q` [C]: logQ correction subtracted from the logits. `candidate_ids`/`target_ids`: mask
     accidental hits, i.e. a candidate that is the same item as the positive but sits in another
     column (possible when candidate sets are gathered from several ranks). `drop` [C] bool: columns
-    left out of every query's softmax (duplicates), except where a column is the query's label."""
-    logits = queries @ candidates.T
-    if temperature != 1.0:  # a full pass over [P, C] logits: skipped when it would change nothing
-        logits = logits / temperature
-    if log_q is not None:
-        logits = logits - log_q
+    left out of every query's softmax (duplicates), except where a column is the query's label.
+
+    `text_candidates` [C, d]: each candidate's text-only vector (`model.loss.cold_weight`). The
+    softmax then runs over both copies of every candidate, [C full | C text-only], with the same
+    logQ and masks: the CE of each positive's full copy (its text copy left out) plus
+    `text_weight` times the CE of its text copy (its full copy left out). So an item served on its
+    text alone, as a new item is, learns to outrank trained items' full vectors, and text-only
+    vectors learn not to outrank a trained positive."""
+    masked = None
     if candidate_ids is not None or drop is not None:
-        masked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        masked = torch.zeros(len(queries), len(candidates), dtype=torch.bool, device=queries.device)
         if candidate_ids is not None:
             masked |= candidate_ids[None, :] == target_ids[:, None]
         if drop is not None:
             masked |= drop[None, :]
         masked[torch.arange(len(labels), device=labels.device), labels] = False
-        logits = logits.masked_fill(masked, float("-inf"))
-    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), labels)
+
+    def scored(table: torch.Tensor) -> torch.Tensor:
+        logits = queries @ table.T
+        if temperature != 1.0:  # a full pass over [P, C] logits: skipped when it would change nothing
+            logits = logits / temperature
+        if log_q is not None:
+            logits = logits - log_q
+        if masked is not None:
+            logits = logits.masked_fill(masked, float("-inf"))
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    logits = scored(candidates)
+    if text_candidates is None:
+        return F.cross_entropy(logits, labels)
+    text = scored(text_candidates)
+    own = (torch.arange(len(labels), device=labels.device), labels)
+    full_positive = F.cross_entropy(torch.cat([logits, text.index_put(own, text.new_tensor(float("-inf")))], 1), labels)
+    text_positive = F.cross_entropy(torch.cat([logits.index_put(own, logits.new_tensor(float("-inf"))), text], 1),
+                                    labels + len(candidates))
+    return full_positive + text_weight * text_positive
 
 
 def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
@@ -72,8 +95,11 @@ def cross_rank_softmax_loss(
     occurrences: int = 0,
     num_uniform: int = 0,
     num_eligible: int = 1,
+    text_candidates: torch.Tensor | None = None,
+    text_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Sampled softmax whose candidate set is the union of every rank's candidates.
+    """Sampled softmax whose candidate set is the union of every rank's candidates (with
+    `text_candidates`, gathered alike, and `text_weight` as in `softmax_loss`).
 
     Each rank brings its queries [P_r, d], its distinct candidates [C_r, d] (batch items and
     uniform negatives, C_r differing across ranks) with their item ids, and each query's label
@@ -104,5 +130,7 @@ def cross_rank_softmax_loss(
     if item_prob is not None:
         log_q = torch.log(totals[0] * item_prob[all_ids].double() + totals[1] / num_eligible).to(all_candidates.dtype)
     loss = softmax_loss(queries, all_candidates, global_labels, temperature, log_q,
-                        candidate_ids=all_ids, target_ids=all_ids[global_labels], drop=~first_occurrences(all_ids))
+                        candidate_ids=all_ids, target_ids=all_ids[global_labels], drop=~first_occurrences(all_ids),
+                        text_candidates=None if text_candidates is None else gather_rows(text_candidates)[0],
+                        text_weight=text_weight)
     return loss * (len(labels) * world / totals[2]).to(loss.dtype)

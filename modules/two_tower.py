@@ -17,7 +17,7 @@ class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int, num_actions: int = 0):
         super().__init__()
         self.cfg, self.num_items = cfg, num_items
-        self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim)
+        self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim, new_item_row=cfg.loss.cold_weight > 0)
         self.user_tower = UserTower(cfg.user, cfg.dim, num_actions)
 
     def _encoding_order(self, device: torch.device) -> torch.Tensor:

@@ -259,5 +259,5 @@ class Recommender:
         lengths = torch.tensor([len(t) for t in tokens])
         input_ids = pad_sequence(tokens, batch_first=True, padding_value=0)
         mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-        vectors = exported.model.item_tower.encode_text(input_ids, mask)
+        vectors = exported.model.item_tower.encode_new(input_ids, mask)
         return served.items.add([r["item_id"] for r in records], vectors)

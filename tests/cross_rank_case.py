@@ -2,7 +2,7 @@
 tests/gpu/test_cross_rank.py (CUDA tensors, gloo and NCCL) share: two ranks with different
 candidates, a worker that runs `cross_rank_softmax_loss` on them, and the reference, `softmax_loss`
 in float64 in one process over the union of both ranks' candidates (each item once, logQ from global
-counts)."""
+counts); with `text_weight`, also each candidate's text-only copy (`model.loss.cold_weight`)."""
 from __future__ import annotations
 
 import torch
@@ -23,46 +23,57 @@ def rank_batch(rank: int) -> dict:
     return {"ids": ids, "labels": labels, "features": features, "occurrences": 4 + rank}
 
 
-def parameters(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def parameters(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(item table, query projection, sampler probabilities, text-only table)."""
     g = torch.Generator().manual_seed(0)
     table = torch.randn(NUM_ITEMS, DIM, generator=g, dtype=torch.float64)
     proj = torch.randn(DIM, DIM, generator=g, dtype=torch.float64)
     prob = torch.rand(NUM_ITEMS, generator=g, dtype=torch.float64)
-    return table.to(device).requires_grad_(), proj.to(device).requires_grad_(), (prob / prob.sum()).to(device)
+    text = torch.randn(NUM_ITEMS, DIM, generator=g, dtype=torch.float64)
+    return (table.to(device).requires_grad_(), proj.to(device).requires_grad_(), (prob / prob.sum()).to(device),
+            text.to(device).requires_grad_())
 
 
-def worker(rank: int, world: int, port: int, out: str, backend: str = "gloo", device_of_rank: tuple[str, ...] = ("cpu", "cpu")) -> None:
+def text_copies(text: torch.Tensor, ids: torch.Tensor, text_weight: float) -> dict:
+    return {"text_candidates": text[ids], "text_weight": text_weight} if text_weight else {}
+
+
+def worker(rank: int, world: int, port: int, out: str, backend: str = "gloo", device_of_rank: tuple[str, ...] = ("cpu", "cpu"),
+           text_weight: float = 0.0) -> None:
     """One rank: its loss and gradients (averaged over ranks, as DDP and DeepSpeed do), saved to OUT/rank{rank}.pt."""
     device = torch.device(device_of_rank[rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    table, proj, prob = parameters(device)
+    table, proj, prob, text = parameters(device)
     b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rank_batch(rank).items()}
     loss = cross_rank_softmax_loss(b["features"] @ proj, table[b["ids"]], b["labels"], b["ids"], TEMPERATURE,
-                                   prob, b["occurrences"], NUM_UNIFORM, NUM_ELIGIBLE)
+                                   prob, b["occurrences"], NUM_UNIFORM, NUM_ELIGIBLE, **text_copies(text, b["ids"], text_weight))
     assert loss.device == device, loss.device
     loss.backward()
-    grads = [table.grad, proj.grad]
+    grads = [table.grad, proj.grad, text.grad if text_weight else torch.zeros((), dtype=torch.float64)]
     for grad in grads:  # what DDP / DeepSpeed do: average the gradients over ranks
         dist.all_reduce(grad)
         grad /= world
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    torch.save({"device": str(loss.device), "loss": (mean_loss / world).cpu(), "table": grads[0].cpu(), "proj": grads[1].cpu()},
+    torch.save({"device": str(loss.device), "loss": (mean_loss / world).cpu(), "table": grads[0].cpu(), "proj": grads[1].cpu(),
+                "text": grads[2].cpu()},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def reference() -> dict:
+def reference(text_weight: float = 0.0) -> dict:
     """One process, float64 on the CPU: queries of both ranks, candidates = the union of their items."""
-    table, proj, prob = parameters(torch.device("cpu"))
+    table, proj, prob, text = parameters(torch.device("cpu"))
     batches = [rank_batch(r) for r in range(2)]
     union = torch.unique(torch.cat([b["ids"] for b in batches]))
     queries = torch.cat([b["features"] for b in batches]) @ proj
     targets = torch.cat([b["ids"][b["labels"]] for b in batches])
     occurrences = sum(b["occurrences"] for b in batches)
     log_q = torch.log(occurrences * prob[union] + 2 * NUM_UNIFORM / NUM_ELIGIBLE)
-    loss = softmax_loss(queries, table[union], torch.searchsorted(union, targets), TEMPERATURE, log_q)
+    loss = softmax_loss(queries, table[union], torch.searchsorted(union, targets), TEMPERATURE, log_q,
+                        **text_copies(text, union, text_weight))
     loss.backward()
-    return {"loss": loss.detach(), "table": table.grad, "proj": proj.grad}
+    return {"loss": loss.detach(), "table": table.grad, "proj": proj.grad,
+            "text": text.grad if text_weight else torch.zeros((), dtype=torch.float64)}

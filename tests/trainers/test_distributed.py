@@ -25,12 +25,15 @@ from helpers import free_port, twotower
 from shard_files import write_train_shards
 
 ROOT = Path(__file__).resolve().parents[2]
-def test_two_rank_gathered_loss_equals_one_process_on_the_concatenated_batch(tmp_path):
-    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
-    expected = reference()
+@pytest.mark.parametrize("text_weight", [0.0, 0.5])
+def test_two_rank_gathered_loss_equals_one_process_on_the_concatenated_batch(tmp_path, text_weight):
+    """text_weight > 0: every candidate's text-only copy gathered too (model.loss.cold_weight)."""
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path), "gloo", ("cpu", "cpu"), text_weight), nprocs=2,
+                       start_method="spawn", join=True)
+    expected = reference(text_weight)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        for key in ("loss", "table", "proj"):
+        for key in ("loss", "table", "proj", "text"):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-10, atol=1e-12, msg=f"rank {rank} {key}")
 
 
