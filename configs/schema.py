@@ -285,7 +285,7 @@ class LossConfig:
     temperature: float = 1.0
     "Logits are scores divided by this."
     cold_weight: float = 0.0
-    "id+text: the softmax runs over two copies of every candidate, its full (ID + text) vector and its text vector alone, the vector an item added after training is served with; the loss is the CE of each target's full copy plus this weight times the CE of its text copy. So the user vectors learn to rank text-only items among trained ones, without letting them outrank trained positives (one more text-only encoding of each step's candidates, twice the logits); 0: off."
+    "id+text (ignored by the other modes): the softmax runs over two copies of every candidate, its full (ID + text) vector and its text vector alone, the vector an item added after training is served with; the loss is the CE of each target's full copy plus this weight times the CE of its text copy. So the user vectors learn to rank text-only items among trained ones, without letting them outrank trained positives (one more text-only encoding of each step's candidates, twice the logits); 0: off."
     local_loss: bool = False
     "Sampled candidates under DDP/DeepSpeed: false: each rank's softmax runs over the candidates (batch items, negatives, their logQ and ids) gathered from every rank, with gradients | true: over its own batch's candidates only (no cross-rank traffic, fewer negatives). Queries are always the rank's own."
 
@@ -315,8 +315,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model.mode", self.mode, ITEM_MODES)
         _check_positive("model.dim", self.dim)
-        if self.loss.cold_weight and self.mode != "id+text":
-            raise ValueError(f"model.loss.cold_weight={self.loss.cold_weight}: only id+text items have a text part to score alone (model.mode={self.mode})")
         if self.dim % self.user.heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.user.heads={self.user.heads}")
 

@@ -65,16 +65,12 @@ def _freeze_all_but_top(encoder: nn.Module, train_layers: int) -> None:
 
 
 class ItemTower(nn.Module):
-    def __init__(self, cfg: ItemTowerConfig, mode: str, num_items: int, dim: int, new_item_row: bool = False):
-        """`new_item_row` (id+text): a learned ID row shared by every item without a trained one
-        (`untrained`, and items embedded after training): an item that has never been seen
-        gets its text vector plus that row (`model.loss.cold_weight` trains it)."""
+    def __init__(self, cfg: ItemTowerConfig, mode: str, num_items: int, dim: int):
         super().__init__()
         self.cfg, self.mode = cfg, mode
         self.id_embedding = nn.Embedding(num_items, dim) if "id" in mode.split("+") else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=cfg.id_init_std)
-        self.new_item_id = nn.Parameter(torch.zeros(dim)) if new_item_row and mode == "id+text" else None
         self.untrained = torch.zeros(num_items, dtype=torch.bool)
         "[num_items] bool: items whose ID row never trains (held out), served as a new item is (host memory, like `tokens`)."
         self.encoder = self.adapter = self.projection = None
@@ -93,6 +89,7 @@ class ItemTower(nn.Module):
             hidden = self.encoder.config.hidden_size
             self.adapter = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU()) if cfg.text_adapter == "mlp" else nn.Identity()
             self.projection = nn.Linear(hidden, dim)
+        self.cold_head: nn.Module | None = None
         # The catalogue's token ids (set by `set_catalogue`) and the frozen layers' output for them
         # (`build_frozen_cache`): data, not weights, so not in the state dict; and not buffers
         # either, so that `.to(device)` leaves them in host memory (a step copies over its own rows)
@@ -101,6 +98,14 @@ class ItemTower(nn.Module):
         self.tokens = torch.zeros(0, 0, dtype=torch.int32)
         self.lengths = torch.zeros(0, dtype=torch.long)
         self.frozen_cache: torch.Tensor | None = None
+
+    def add_new_item_head(self) -> None:
+        """id+text: a head of its own that maps an item's pooled text to the vector of an item
+        without a trained ID row (`untrained`, and items embedded after training);
+        `model.loss.cold_weight` trains it, and nothing else. Other modes: nothing."""
+        if self.mode == "id+text":
+            hidden, dim = self.projection.in_features, self.projection.out_features
+            self.cold_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     @property
     def uses_text(self) -> bool:
@@ -240,20 +245,24 @@ class ItemTower(nn.Module):
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.projection(self.adapter(pooled))
 
-    def _pool_and_project(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._project(self._pool(hidden, attention_mask))
+    def _cold(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The new-item head's vectors: it reads the pooled text without training the encoder."""
+        return self.cold_head(pooled.detach())
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text vectors [n, dim] for tokenised texts."""
+    def _pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_layers != 0):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self._pool_and_project(hidden, attention_mask)
+        return self._pool(hidden, attention_mask)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text vectors [n, dim] for tokenised texts (the text part of a trained item's vector)."""
+        return self._project(self._pooled_text(input_ids, attention_mask))
 
     def encode_new(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Vectors [n, dim] of items that did not exist at training, from their tokenised texts:
-        the text vector, plus the learned new-item ID row where there is one."""
-        vectors = self.encode_text(input_ids, attention_mask)
-        return vectors if self.new_item_id is None else vectors + self.new_item_id
+        the new-item head's where there is one, else the text vector."""
+        pooled = self._pooled_text(input_ids, attention_mask)
+        return self._project(pooled) if self.cold_head is None else self._cold(pooled)
 
     def padded_chunks(self, items: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """How `forward` runs these items through the encoder: (positions into `items`, token width)
@@ -271,36 +280,44 @@ class ItemTower(nn.Module):
             chunks = (positions,)
         return [(chunk, int(lengths[chunk].max()) if len(chunk) else 1) for chunk in chunks]
 
-    def _encode_width(self, items: torch.Tensor, width: int) -> torch.Tensor:
+    def _pooled_width(self, items: torch.Tensor, width: int) -> torch.Tensor:
         mask = (torch.arange(width, device=items.device) < self._lengths_of(items)[:, None]).long()
         if self.frozen_cache is not None:
             hidden = self._cached(items)[:, :width]
-            return self._pool_and_project(self._top_layers(hidden, mask), mask)
-        return self.encode_text(self._tokens_of(items, width), mask)
+            return self._pool(self._top_layers(hidden, mask), mask)
+        return self._pooled_text(self._tokens_of(items, width), mask)
+
+    def _pooled(self, items: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output [n, hidden] of catalogue items."""
+        if self.frozen_cache is not None and self.caches_pooled:
+            return self._cached(items)
+        chunks = self.padded_chunks(items)
+        pooled = torch.cat([self._pooled_width(items[positions], width) for positions, width in chunks])
+        if len(chunks) > 1:  # back from length order to the order asked for
+            pooled = pooled[torch.cat([positions for positions, _ in chunks]).argsort()]
+        return pooled
 
     def forward(self, items: torch.Tensor, text_only: bool = False) -> torch.Tensor:
         """Vectors [n, dim] of catalogue items (indices [n]). Tokens are trimmed to the longest
         text of each chunk of `padded_chunks` (dynamic padding), so short titles cost what they
         are; with `dynamic_padding=false` every item runs the catalogue's full width (same
-        vectors, more work). `text_only` (id+text): each item as if it had no trained ID row, the
-        vector a new item gets: its text part, plus the new-item row where there is one
-        (`model.loss.cold_weight`); items marked `untrained` always get that vector."""
-        out = None
-        if self.encoder is not None and self.frozen_cache is not None and self.caches_pooled:
-            out = self._project(self._cached(items))
-        elif self.encoder is not None:
-            chunks = self.padded_chunks(items)
-            out = torch.cat([self._encode_width(items[positions], width) for positions, width in chunks])
-            if len(chunks) > 1:  # back from length order to the order asked for
-                out = out[torch.cat([positions for positions, _ in chunks]).argsort()]
+        vectors, more work). `text_only`: each item as if it had no trained ID row, the vector a
+        new item gets (`encode_new`); items marked `untrained` always get that vector."""
+        if self.encoder is None:
+            return self.id_embedding(items)
+        pooled = self._pooled(items)
+        if text_only:
+            return self._project(pooled) if self.cold_head is None else self._cold(pooled)
+        out = self._project(pooled)
         if self.id_embedding is None:
             return out
-        if out is not None and text_only:
-            return out if self.new_item_id is None else out + self.new_item_id
         ids = self.id_embedding(items)
-        if self.new_item_id is not None and len(self.untrained):
-            ids = torch.where(self.untrained[items.cpu()].to(items.device)[:, None], self.new_item_id.to(ids.dtype), ids)
-        if out is not None and self.training and self.cfg.id_dropout > 0:
+        if self.training and self.cfg.id_dropout > 0:
             # Some items train on their text alone, as a new item must serve (DropoutNet).
             ids = ids * (torch.rand(len(items), 1, device=ids.device) >= self.cfg.id_dropout).to(ids.dtype)
-        return ids if out is None else out + ids
+        out = out + ids
+        if self.cold_head is not None and len(self.untrained):
+            untrained = self.untrained[items.cpu()].to(items.device)
+            if untrained.any():
+                out = torch.where(untrained[:, None], self._cold(pooled).to(out.dtype), out)
+        return out

@@ -63,7 +63,7 @@ class TwoTowerModule(pl.LightningModule):
         self.register_buffer("eligible", torch.nonzero(~cold).squeeze(1), persistent=False)
         if self.model.item_tower.id_embedding is not None:
             # Held-out items never train, so their rows stay zero; in id+text they are ranked as
-            # serving ranks an item added after training (text, plus the new-item row if any).
+            # serving ranks an item added after training (the new-item head's vector, if any).
             self.model.item_tower.id_embedding.weight.data[cold.to(torch.bool)] = 0.0
             self.model.item_tower.untrained = cold.to("cpu", torch.bool)
         self.test_split = "test"
@@ -128,11 +128,10 @@ class TwoTowerModule(pl.LightningModule):
 
     def _text_copies(self, candidates: torch.Tensor) -> dict:
         """`softmax_loss`'s text-only copies of the candidates (item indices) and their weight,
-        with `model.loss.cold_weight`; else nothing."""
-        weight = self.cfg.model.loss.cold_weight
-        if not weight:
+        with `model.loss.cold_weight` in id+text (the item tower then has a new-item head); else nothing."""
+        if self.model.item_tower.cold_head is None:
             return {}
-        return {"text_candidates": self.model.item_tower(candidates, text_only=True), "text_weight": weight}
+        return {"text_candidates": self.model.item_tower(candidates, text_only=True), "text_weight": self.cfg.model.loss.cold_weight}
 
     def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distinct items, their vectors, the history's vectors [B, L, d]); `occurrences` are the

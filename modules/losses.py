@@ -38,12 +38,14 @@ def softmax_loss(
     column (possible when candidate sets are gathered from several ranks). `drop` [C] bool: columns
     left out of every query's softmax (duplicates), except where a column is the query's label.
 
-    `text_candidates` [C, d]: each candidate's text-only vector (`model.loss.cold_weight`). The
-    softmax then runs over both copies of every candidate, [C full | C text-only], with the same
-    logQ and masks: the CE of each positive's full copy (its text copy left out) plus
-    `text_weight` times the CE of its text copy (its full copy left out). So an item served on its
-    text alone, as a new item is, learns to outrank trained items' full vectors, and text-only
-    vectors learn not to outrank a trained positive."""
+    `text_candidates` [C, d]: each candidate's new-item vector, the one it would be served with had
+    it never trained (`model.loss.cold_weight`). Added to the loss, times `text_weight`: two CEs over
+    both copies of every candidate, [C full | C new-item], with the same logQ and masks, one for
+    each positive's full copy (its new-item copy left out), one for its new-item copy (its full
+    copy left out). In them only the new-item vectors learn: the queries and the full copies are
+    held fixed, so the model and its ranking of trained items are what they would be without this
+    term, and the new-item vectors learn to rank among them: above trained items where the user
+    goes to that item, below a trained item the user goes to."""
     masked = None
     if candidate_ids is not None or drop is not None:
         masked = torch.zeros(len(queries), len(candidates), dtype=torch.bool, device=queries.device)
@@ -53,7 +55,7 @@ def softmax_loss(
             masked |= drop[None, :]
         masked[torch.arange(len(labels), device=labels.device), labels] = False
 
-    def scored(table: torch.Tensor) -> torch.Tensor:
+    def scored(table: torch.Tensor, queries: torch.Tensor = queries) -> torch.Tensor:
         logits = queries @ table.T
         if temperature != 1.0:  # a full pass over [P, C] logits: skipped when it would change nothing
             logits = logits / temperature
@@ -64,14 +66,15 @@ def softmax_loss(
         return logits if logits.dtype == torch.float64 else logits.float()
 
     logits = scored(candidates)
+    loss = F.cross_entropy(logits, labels)
     if text_candidates is None:
-        return F.cross_entropy(logits, labels)
-    text = scored(text_candidates)
+        return loss
+    fixed, text = logits.detach(), scored(text_candidates, queries.detach())
     own = (torch.arange(len(labels), device=labels.device), labels)
-    full_positive = F.cross_entropy(torch.cat([logits, text.index_put(own, text.new_tensor(float("-inf")))], 1), labels)
-    text_positive = F.cross_entropy(torch.cat([logits.index_put(own, logits.new_tensor(float("-inf"))), text], 1),
+    full_positive = F.cross_entropy(torch.cat([fixed, text.index_put(own, text.new_tensor(float("-inf")))], 1), labels)
+    text_positive = F.cross_entropy(torch.cat([fixed.index_put(own, fixed.new_tensor(float("-inf"))), text], 1),
                                     labels + len(candidates))
-    return full_positive + text_weight * text_positive
+    return loss + text_weight * (full_positive + text_positive)
 
 
 def first_occurrences(ids: torch.Tensor) -> torch.Tensor:

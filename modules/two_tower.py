@@ -17,8 +17,10 @@ class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig, num_items: int, num_actions: int = 0):
         super().__init__()
         self.cfg, self.num_items = cfg, num_items
-        self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim, new_item_row=cfg.loss.cold_weight > 0)
+        self.item_tower = ItemTower(cfg.item, cfg.mode, num_items, cfg.dim)
         self.user_tower = UserTower(cfg.user, cfg.dim, num_actions)
+        if cfg.loss.cold_weight > 0:  # last: every other weight starts as it does without it
+            self.item_tower.add_new_item_head()
 
     def _encoding_order(self, device: torch.device) -> torch.Tensor:
         """Every item index, in text modes sorted by text length (so that each chunk of items pads

@@ -180,8 +180,6 @@ class Learner:
             old = tower.id_embedding.weight
             seeded = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + n)  # the same rows in a rerun
             fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std, generator=seeded)
-            if tower.new_item_id is not None:  # a new item starts where serving put it: text + the new-item row
-                fresh = fresh + tower.new_item_id.detach().to(fresh.dtype)
             grown = nn.Parameter(torch.cat([old.detach(), fresh]))
             tower.id_embedding.weight, tower.id_embedding.num_embeddings = grown, n + added
             for group in self.optimizer.param_groups:

@@ -175,24 +175,30 @@ def test_a_memory_mapped_cache_is_reused_only_for_the_same_catalogue_and_frozen_
     assert not torch.allclose(changed.frozen_cache, first.frozen_cache)
 
 
-def test_items_without_a_trained_id_row_get_the_new_item_row(tiny_bert):
-    """id+text with a new-item row (model.loss.cold_weight): items marked untrained (held out),
-    `text_only` vectors and `encode_new` (serving's new items) are text + that row; items appended
-    later (`twotower learn`) have their own rows, which train."""
-    tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=0), "id+text", 4, 8, new_item_row=True).eval()
+def test_items_without_a_trained_id_row_get_the_new_item_head(tiny_bert):
+    """id+text with a new-item head (model.loss.cold_weight): items marked untrained (held out),
+    `text_only` vectors and `encode_new` (serving's new items) are the head's output on the pooled
+    text; items appended later (`twotower learn`) have their own rows, which train."""
+    tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=0), "id+text", 4, 8)
+    tower.add_new_item_head()
+    tower.eval()
     tokenizer = load_tokenizer(tiny_bert)
     tower.set_catalogue(*catalogue(tokenizer, ["red pen", "blue stapler", "green paper", "ink"]))
     tower.untrained = torch.tensor([False, True, False, False])
     with torch.no_grad():
-        tower.new_item_id.normal_()
-        mask = (torch.arange(tower.tokens.shape[1]) < tower.lengths[:, None]).long()
-        text = tower.encode_text(tower.tokens.long(), mask)
+        mask = (torch.arange(tower.tokens.shape[1]) < tower.lengths[:, None]).double()
+        hidden = tower.encoder(input_ids=tower.tokens.long(), attention_mask=mask.long()).last_hidden_state.double()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        inner, outer = tower.cold_head[0], tower.cold_head[2]
+        new = torch.nn.functional.gelu(pooled @ inner.weight.double().T + inner.bias.double()) @ outer.weight.double().T + outer.bias.double()
         items = torch.arange(4)
-        rows = tower.id_embedding.weight
-        expected = text + torch.where(tower.untrained[:, None], tower.new_item_id, rows)
-        torch.testing.assert_close(tower(items), expected)
-        torch.testing.assert_close(tower(items, text_only=True), text + tower.new_item_id)
-        torch.testing.assert_close(tower.encode_new(tower.tokens.long(), mask), text + tower.new_item_id)
+        trained = tower.encode_text(tower.tokens.long(), mask.long()) + tower.id_embedding.weight
+        expected = torch.where(tower.untrained[:, None], new.float(), trained)
+        torch.testing.assert_close(tower(items), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tower(items, text_only=True).double(), new, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tower.encode_new(tower.tokens.long(), mask.long()).double(), new, atol=1e-5, rtol=1e-5)
         tower.append_catalogue(*catalogue(tokenizer, ["new lamp"]))
     assert tower.untrained.tolist() == [False, True, False, False, False]
-    assert ItemTower(ItemTowerConfig(encoder=tiny_bert), "text", 4, 8, new_item_row=True).new_item_id is None
+    text_mode = ItemTower(ItemTowerConfig(encoder=tiny_bert), "text", 4, 8)
+    text_mode.add_new_item_head()
+    assert text_mode.cold_head is None

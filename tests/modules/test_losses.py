@@ -41,30 +41,38 @@ def test_accidental_hits_are_masked_but_the_label_is_kept():
 
 
 def two_copy_reference(q, c, text, labels, temperature, weight, log_q=None):
-    """float64, query by query: CE over [full | text-only] copies with the positive's other copy
-    left out, for its full copy plus `weight` times for its text copy."""
+    """float64, query by query: the CE over the full candidates, plus `weight` times the CEs over
+    [full | new-item] copies with the positive's other copy left out, for its full copy and for its
+    new-item copy."""
     q, c, text = (a.astype(np.float64) for a in (q, c, text))
     total = 0.0
     for p, label in enumerate(labels):
         full = c @ q[p] / temperature - (log_q if log_q is not None else 0.0)
         alone = text @ q[p] / temperature - (log_q if log_q is not None else 0.0)
+        total += -(full[label] - np.log(np.exp(full).sum()))
         for positive, other in ((full, alone), (alone, full)):
-            others = np.delete(other, label)
-            logits = np.concatenate([positive, others])
-            term = -(positive[label] - np.log(np.exp(logits).sum()))
-            total += term if positive is full else weight * term
+            logits = np.concatenate([positive, np.delete(other, label)])
+            total += weight * -(positive[label] - np.log(np.exp(logits).sum()))
     return total / len(labels)
 
 
-def test_text_copies_put_every_candidate_in_the_softmax_twice():
-    """text_candidates + text_weight (model.loss.cold_weight). Reference: float64, query by query."""
+def test_new_item_copies_add_a_two_copy_term_that_trains_only_them():
+    """text_candidates + text_weight (model.loss.cold_weight): the value against a float64
+    reference; the gradients of the queries and the full candidates are the plain loss's."""
     rng = np.random.default_rng(3)
     q, c, text = rng.normal(size=(6, 5)), rng.normal(size=(9, 5)), rng.normal(size=(9, 5))
     labels = rng.integers(0, 9, size=6)
     log_q = np.log(rng.uniform(0.01, 1.0, size=9))
-    got = softmax_loss(torch.tensor(q), torch.tensor(c), torch.tensor(labels), 0.7, torch.tensor(log_q),
-                       text_candidates=torch.tensor(text), text_weight=0.4)
+    tensors = [torch.tensor(a, requires_grad=True) for a in (q, c, text)]
+    got = softmax_loss(tensors[0], tensors[1], torch.tensor(labels), 0.7, torch.tensor(log_q),
+                       text_candidates=tensors[2], text_weight=0.4)
     assert math.isclose(got.item(), two_copy_reference(q, c, text, labels, 0.7, 0.4, log_q), rel_tol=1e-9)
+    got.backward()
+    plain = [torch.tensor(a, requires_grad=True) for a in (q, c)]
+    softmax_loss(plain[0], plain[1], torch.tensor(labels), 0.7, torch.tensor(log_q)).backward()
+    for trained, reference in zip(tensors[:2], plain):
+        torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-12, atol=1e-12)
+    assert tensors[2].grad.abs().sum() > 0
 
 
 def test_expected_draws_is_the_mixture_formula():
@@ -96,53 +104,56 @@ def test_full_softmax_leaves_cold_items_out_of_the_candidates():
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
 
 
-def test_cold_weight_trains_on_text_copies_and_held_out_items_have_no_id_part(tiny_bert):
-    """id+text with model.loss.cold_weight: the full-softmax loss is the float64 two-copy CE over
-    the warm items' full vectors and their new-item copies (text + the learned new-item row).
-    Held-out items get the new-item copy, as serving embeds an item added after training."""
+def test_cold_weight_trains_the_new_item_head_and_held_out_items_use_it(tiny_bert):
+    """id+text with model.loss.cold_weight: the full-softmax loss is the float64 two-copy loss
+    over the warm items' full vectors and their new-item vectors (the new-item head on the pooled
+    text), and only that head learns from the extra term. Held-out items get the new-item vector,
+    as serving embeds an item added after training."""
     from twotower.configs import load_config
     from twotower.modules.histories import Histories
     from twotower.modules.item_text import load_tokenizer, tokenize
     from twotower.modules.lit_two_tower import TwoTowerModule
 
-    cfg = load_config([], ["model.mode=id+text", f"model.item.encoder={tiny_bert}", "model.item.train_layers=0",
-                           "model.dim=8", "data.max_len=4", "model.user.dropout=0", "model.loss.cold_weight=0.5",
-                           "model.loss.candidates=full"])
+    def module_with(cold_weight):
+        cfg = load_config([], ["model.mode=id+text", f"model.item.encoder={tiny_bert}", "model.item.train_layers=0",
+                               "model.dim=8", "data.max_len=4", "model.user.dropout=0", f"model.loss.cold_weight={cold_weight}",
+                               "model.loss.candidates=full"])
+        torch.manual_seed(0)
+        module = TwoTowerModule(cfg, len(cold), torch.ones(len(cold)), cold)
+        module.model.item_tower.set_catalogue(torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True),
+                                              torch.tensor([len(t) for t in tokens]))
+        module.model.item_tower.encoder.eval()  # no encoder dropout: the text part is deterministic
+        module.log = lambda *args, **kwargs: None  # no Trainer attached
+        return module
+
     cold = torch.tensor([False, True, False, False, True, False])
-    torch.manual_seed(0)
-    module = TwoTowerModule(cfg, len(cold), torch.ones(len(cold)), cold)
     tokens = [torch.from_numpy(t.astype(np.int64)) for t in tokenize(load_tokenizer(tiny_bert), [f"item {i} text" for i in range(6)], 8)]
-    module.model.item_tower.set_catalogue(torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True), torch.tensor([len(t) for t in tokens]))
-    module.model.item_tower.encoder.eval()  # no encoder dropout: the text part is deterministic
-    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    module, plain = module_with(0.5), module_with(0)
     tower = module.model.item_tower
-    with torch.no_grad():
-        tower.new_item_id.normal_()  # as if trained: not the zeros it starts from
-    assert not module.model.item_tower.id_embedding.weight[cold].any()
-    assert module.model.item_tower.id_embedding.weight[~cold].abs().min() > 0
+    assert not tower.id_embedding.weight[cold].any()
+    assert tower.id_embedding.weight[~cold].abs().min() > 0
     inputs, targets = torch.tensor([[-1, 0, 2, 3], [0, 3, 5, 2]]), torch.tensor([[-1, 2, 3, 5], [3, 5, 2, 0]])
     loss = module.training_step((Histories.of(inputs), targets), 0)
+    loss.backward()
+    plain.training_step((Histories.of(inputs), targets), 0).backward()
+    trained = dict(plain.named_parameters())
+    for name, parameter in module.named_parameters():
+        if "cold_head" in name:
+            assert parameter.grad.abs().sum() > 0, name
+        elif parameter.requires_grad:  # the model's own gradients are what they are without the term
+            torch.testing.assert_close(parameter.grad, trained[name].grad, msg=name)
     with torch.no_grad():
         items = torch.arange(len(cold))
-        table, text = module.model.item_tower(items), module.model.item_tower(items, text_only=True)
+        table, text = tower(items), tower(items, text_only=True)
         states = module.model.user_states(inputs, table)[targets >= 0]
-    with torch.no_grad():
         mask = (torch.arange(tower.tokens.shape[1]) < tower.lengths[:, None]).long()
-        text_part = tower.encode_text(tower.tokens.long(), mask)
-        torch.testing.assert_close(tower.encode_new(tower.tokens.long(), mask), text, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(text, text_part + tower.new_item_id.detach())
-    torch.testing.assert_close(table[~cold], text_part[~cold] + tower.id_embedding.weight.detach()[~cold])
+        pooled = tower._pooled_text(tower.tokens.long(), mask)
+        torch.testing.assert_close(text, tower.cold_head(pooled))
+        torch.testing.assert_close(tower.encode_new(tower.tokens.long(), mask), text)
+        full = tower.encode_text(tower.tokens.long(), mask) + tower.id_embedding.weight
+    torch.testing.assert_close(table[~cold], full[~cold])
     torch.testing.assert_close(table[cold], text[cold])  # held out: served as new
     warm = torch.nonzero(~cold).squeeze(1)
     labels = [warm.tolist().index(t) for t in targets[targets >= 0].tolist()]
     expected = two_copy_reference(states.numpy(), table[warm].numpy(), text[warm].numpy(), labels, 1.0, 0.5)
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
-
-
-def test_cold_weight_needs_an_id_and_a_text_part():
-    import pytest
-
-    from twotower.configs import load_config
-
-    with pytest.raises(ValueError, match=r"model.loss.cold_weight=0.5: only id\+text"):
-        load_config([], ["model.mode=text", "model.loss.cold_weight=0.5"])
