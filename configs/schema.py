@@ -285,7 +285,7 @@ class LossConfig:
     temperature: float = 1.0
     "Logits are scores divided by this."
     cold_weight: float = 0.0
-    "id+text (ignored by the other modes): the softmax runs over two copies of every candidate, its full (ID + text) vector and its text vector alone, the vector an item added after training is served with; the loss is the CE of each target's full copy plus this weight times the CE of its text copy. So the user vectors learn to rank text-only items among trained ones, without letting them outrank trained positives (one more text-only encoding of each step's candidates, twice the logits); 0: off."
+    "id+text (ignored by the other modes): trains a new-item head, the vector of an item without a trained ID row (held out, or added after training: `POST /items`) from its pooled text, against the model's own user and item vectors held fixed, so the model is the one trained without it; the value is the prior odds of a new item against a trained one (1: they compete as equals; below 1: a new item must score higher to rank above a trained one), chosen on cold_valid and valid together; 0: no head, a new item gets its text vector alone (which id+text users barely read). Costs one more head pass over each step's candidates and a second logits matrix."
     local_loss: bool = False
     "Sampled candidates under DDP/DeepSpeed: false: each rank's softmax runs over the candidates (batch items, negatives, their logQ and ids) gathered from every rank, with gradients | true: over its own batch's candidates only (no cross-rank traffic, fewer negatives). Queries are always the rank's own."
 

@@ -39,13 +39,15 @@ def softmax_loss(
     left out of every query's softmax (duplicates), except where a column is the query's label.
 
     `text_candidates` [C, d]: each candidate's new-item vector, the one it would be served with had
-    it never trained (`model.loss.cold_weight`). Added to the loss, times `text_weight`: two CEs over
-    both copies of every candidate, [C full | C new-item], with the same logQ and masks, one for
-    each positive's full copy (its new-item copy left out), one for its new-item copy (its full
-    copy left out). In them only the new-item vectors learn: the queries and the full copies are
-    held fixed, so the model and its ranking of trained items are what they would be without this
-    term, and the new-item vectors learn to rank among them: above trained items where the user
-    goes to that item, below a trained item the user goes to."""
+    it never trained (`model.loss.cold_weight`). Added to the loss: two CEs over both copies of
+    every candidate, [C full | C new-item], with the same logQ and masks, one for each positive's
+    full copy (its new-item copy left out), plus `text_weight` times one for its new-item copy (its
+    full copy left out). In them only the new-item vectors learn: the queries and the full copies
+    are held fixed, so the model and its ranking of trained items are what they would be without
+    these terms, and the new-item vectors learn to rank among them: above trained items where the
+    user goes to that item, below a trained item the user goes to. `text_weight` is the prior odds
+    of a new item against a trained one: at 1 they compete as equals, below 1 a new item must score
+    higher than a trained one to rank above it."""
     masked = None
     if candidate_ids is not None or drop is not None:
         masked = torch.zeros(len(queries), len(candidates), dtype=torch.bool, device=queries.device)
@@ -74,7 +76,7 @@ def softmax_loss(
     full_positive = F.cross_entropy(torch.cat([fixed, text.index_put(own, text.new_tensor(float("-inf")))], 1), labels)
     text_positive = F.cross_entropy(torch.cat([fixed.index_put(own, fixed.new_tensor(float("-inf"))), text], 1),
                                     labels + len(candidates))
-    return loss + text_weight * (full_positive + text_positive)
+    return loss + full_positive + text_weight * text_positive
 
 
 def first_occurrences(ids: torch.Tensor) -> torch.Tensor:

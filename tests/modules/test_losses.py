@@ -41,8 +41,8 @@ def test_accidental_hits_are_masked_but_the_label_is_kept():
 
 
 def two_copy_reference(q, c, text, labels, temperature, weight, log_q=None):
-    """float64, query by query: the CE over the full candidates, plus `weight` times the CEs over
-    [full | new-item] copies with the positive's other copy left out, for its full copy and for its
+    """float64, query by query: the CE over the full candidates, plus the CEs over [full | new-item]
+    copies with the positive's other copy left out, for its full copy and (times `weight`) for its
     new-item copy."""
     q, c, text = (a.astype(np.float64) for a in (q, c, text))
     total = 0.0
@@ -50,9 +50,9 @@ def two_copy_reference(q, c, text, labels, temperature, weight, log_q=None):
         full = c @ q[p] / temperature - (log_q if log_q is not None else 0.0)
         alone = text @ q[p] / temperature - (log_q if log_q is not None else 0.0)
         total += -(full[label] - np.log(np.exp(full).sum()))
-        for positive, other in ((full, alone), (alone, full)):
+        for positive, other, scale in ((full, alone, 1.0), (alone, full, weight)):
             logits = np.concatenate([positive, np.delete(other, label)])
-            total += weight * -(positive[label] - np.log(np.exp(logits).sum()))
+            total += scale * -(positive[label] - np.log(np.exp(logits).sum()))
     return total / len(labels)
 
 
