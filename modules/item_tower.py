@@ -107,6 +107,16 @@ class ItemTower(nn.Module):
             hidden, dim = self.projection.in_features, self.projection.out_features
             self.cold_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
+    @torch.no_grad()
+    def new_item_rows(self, items: torch.Tensor) -> torch.Tensor:
+        """ID rows [n, dim] that make these catalogue items' vectors (text + row) their new-item
+        vectors: where an item added after training starts when its own row begins to train."""
+        was_training = self.training
+        self.eval()
+        pooled = self._pooled(items)
+        self.train(was_training)
+        return self._cold(pooled) - self._project(pooled)
+
     @property
     def uses_text(self) -> bool:
         return self.encoder is not None

@@ -164,7 +164,9 @@ class Learner:
     # ---- the catalogue grows ------------------------------------------------------------------
     def _add_items(self, records: list[dict]) -> None:
         """Append items (item_id + text fields) to the catalogue: tokens, frozen cache rows, a fresh
-        ID embedding row each (its optimizer moments zero), popularity and negatives."""
+        ID embedding row each (its optimizer moments zero; with a new-item head, the row that makes
+        the item's vector the head's, where serving put it, and it trains on from there),
+        popularity and negatives."""
         if not records:
             return
         module, tower = self.module, self.module.model.item_tower
@@ -180,6 +182,8 @@ class Learner:
             old = tower.id_embedding.weight
             seeded = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + n)  # the same rows in a rerun
             fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std, generator=seeded)
+            if tower.cold_head is not None:
+                fresh = tower.new_item_rows(torch.arange(n, n + added)).to(old.dtype)
             grown = nn.Parameter(torch.cat([old.detach(), fresh]))
             tower.id_embedding.weight, tower.id_embedding.num_embeddings = grown, n + added
             for group in self.optimizer.param_groups:

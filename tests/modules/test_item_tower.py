@@ -198,6 +198,10 @@ def test_items_without_a_trained_id_row_get_the_new_item_head(tiny_bert):
         torch.testing.assert_close(tower(items, text_only=True).double(), new, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(tower.encode_new(tower.tokens.long(), mask.long()).double(), new, atol=1e-5, rtol=1e-5)
         tower.append_catalogue(*catalogue(tokenizer, ["new lamp"]))
+        added = torch.tensor([4])
+        rows = tower.new_item_rows(added)  # `twotower learn` starts the new item's own row there
+        tower.id_embedding = torch.nn.Embedding.from_pretrained(torch.cat([tower.id_embedding.weight, rows]))
+        torch.testing.assert_close(tower(added), tower(added, text_only=True), atol=1e-6, rtol=1e-6)
     assert tower.untrained.tolist() == [False, True, False, False, False]
     text_mode = ItemTower(ItemTowerConfig(encoder=tiny_bert), "text", 4, 8)
     text_mode.add_new_item_head()
