@@ -180,10 +180,11 @@ class Learner:
             tower.append_catalogue(torch.zeros(added, 1, dtype=torch.int32), torch.zeros(added, dtype=torch.long))
         if tower.id_embedding is not None:
             old = tower.id_embedding.weight
-            seeded = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + n)  # the same rows in a rerun
-            fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std, generator=seeded)
             if tower.cold_head is not None:
                 fresh = tower.new_item_rows(torch.arange(n, n + added)).to(old.dtype)
+            else:
+                seeded = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + n)  # the same rows in a rerun
+                fresh = torch.empty(added, old.shape[1], dtype=old.dtype).normal_(std=self.model_cfg.model.item.id_init_std, generator=seeded)
             grown = nn.Parameter(torch.cat([old.detach(), fresh]))
             tower.id_embedding.weight, tower.id_embedding.num_embeddings = grown, n + added
             for group in self.optimizer.param_groups:
