@@ -1,0 +1,224 @@
+"""New items through the live path: a trained run's held-out items (`split.cold_item_fraction`) are
+POSTed to a running `twotower serve` whose export never had them, and then every user who later
+interacted with one (the run's `cold_valid` and `cold` cases) asks `POST /recommend` with their
+history, as a shop would once the item is on sale.
+
+For each run it prints, over HTTP and offline side by side on the same cases:
+  * HR@10 and NDCG@10 of the held-out target for the cold_valid and cold users ("served"), and the
+    same run's full-ranking numbers (`evaluate`'s, where the held-out items are in the catalogue
+    from the start, with the vectors training gave them) on those cases ("offline");
+  * the same for the warm users' validation targets (`valid`), with the held-out items' share of
+    those users' top-10 slots: what recommending new items costs the users who did not want them.
+The served and offline numbers differ only where `POST /items` embeds an item differently from
+the export (its text through the live tokenizer and encoder instead of the training-time cache) or
+the index is approximate (HNSW, from `serving.hnsw_min_items` items on): the bench prints both.
+
+    python bench/live_items.py RUN [RUN ...] [--out DIR]   # run folders of `twotower fit ... split.cold_item_fraction=0.1`
+    python bench/live_items.py --quick                     # fits a tiny model on the built-in generator first (about a minute)
+
+A run's data must still be where it was prepared (its config's data.dir), and its item table
+(data.items) readable: the held-out items are POSTed with their own text fields from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.online import http  # noqa: E402
+from bench.serve import start_server  # noqa: E402
+from twotower.tables import markdown_table  # noqa: E402
+
+K = 10
+SPLITS = ("valid", "cold_valid", "cold")
+QUICK = ["data.synthetic.num_users=300", "data.synthetic.num_items=120", "data.synthetic.mean_events=15",
+         "data.max_text_len=16", "data.max_len=20", "data.batch_size=64", "data.shuffle_buffer=50", "model.dim=32",
+         "model.loss.num_negatives=32", "trainer.warmup_steps=2", "trainer.max_epochs=2", "trainer.patience=1",
+         "model.mode=id+text", "model.item.train_layers=0", "model.loss.cold_weight=1", "split.cold_item_fraction=0.2",
+         "logger.wandb.mode=disabled"]
+"--quick: tests/conftest.py's `tiny` sizes, the new-item head on, a fifth of the items held out."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders (config.yaml, checkpoints/best.ckpt)")
+    parser.add_argument("--quick", action="store_true", help="fit a tiny id+text run on the built-in generator and measure it")
+    parser.add_argument("--batch", type=int, default=128, help="histories per POST /recommend (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="results folder (default: a temporary one): live_items.json, per-run work folders")
+    args = parser.parse_args(argv)
+    if bool(args.runs) == args.quick:
+        parser.error("give run folders, or --quick")
+    return args
+
+
+def quick_run(work: Path) -> Path:
+    """A tiny id+text fit with held-out items, on the built-in generator's tables written as CSV
+    (so that the held-out items' text fields can be POSTed as a shop would send them)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import save_tiny_bert
+
+    from twotower.configs import load_config
+    from twotower.datamodules.synthetic import generate
+    from twotower.trainers.fit import fit
+
+    tiny = save_tiny_bert(work / "tiny-bert")
+    overrides = [*QUICK, f"model.item.encoder={tiny}"]
+    events, items = generate(load_config([], overrides).data.synthetic)
+    work.mkdir(parents=True, exist_ok=True)
+    events.to_csv(work / "interactions.csv", index=False)
+    items.to_csv(work / "items.csv", index=False)
+    run = work / "runs" / "quick"
+    fit(load_config([], [*overrides, "data.source=table", f"data.interactions={work / 'interactions.csv'}",
+                         f"data.items={work / 'items.csv'}", f"data.dir={work / 'data'}", f"run.dir={run}"]))
+    return run
+
+
+def offline_ranks(module, data) -> dict[str, np.ndarray]:
+    """0-based rank of each case's target per split, as `evaluate` ranks them (full catalogue)."""
+    import torch
+
+    with torch.no_grad():
+        table = module.catalogue_table()
+        return {split: torch.cat([module.target_ranks(h, t, table) for h, t in data.eval_dataloader(split)]).numpy()
+                for split in SPLITS}
+
+
+def cases(data, split: str) -> tuple[list[list[int]], np.ndarray]:
+    """(histories as item indices, oldest first; targets) of a split's users, in `offline_ranks`' order."""
+    histories, targets = [], []
+    for h, t in data.eval_dataloader(split):
+        for row in h.items.tolist():
+            histories.append([i for i in row if i >= 0])
+        targets.append(t.numpy())
+    return histories, np.concatenate(targets)
+
+
+def warm_export(cfg, checkpoint: Path, cold: np.ndarray, work: Path) -> Path:
+    """`twotower export` of the run, then the same folder without the held-out items: the model a
+    server runs before any of them exists."""
+    import torch
+
+    from twotower.serving.export_format import load_exported, write_exported
+    from twotower.serving.item_index import build_index
+    from twotower.trainers.export import export
+
+    full = load_exported(export(cfg, str(checkpoint), work / "export-all", cfg.serving))
+    keep = np.flatnonzero(~cold)
+    tower = full.model.item_tower  # its per-item state (ID rows, tokens) cut to the items kept
+    if tower.id_embedding is not None:
+        tower.id_embedding = torch.nn.Embedding.from_pretrained(tower.id_embedding.weight[keep].clone())
+    tower.set_catalogue(tower.tokens[keep], tower.lengths[keep])
+    vectors = full.vectors[keep].contiguous()
+    warm = replace(full, item_ids=[full.item_ids[i] for i in keep], texts=[full.texts[i] for i in keep],
+                   vectors=vectors, index=build_index(vectors.numpy(), cfg.serving))
+    return write_exported(work / "export-warm", warm, str(checkpoint))
+
+
+def item_records(cfg, item_ids: list[str]) -> list[dict]:
+    """The held-out items as `POST /items` takes them: id and text fields, from the run's item table."""
+    import pandas as pd
+
+    table = pd.read_csv(cfg.data.items, dtype=str, keep_default_na=False).set_index("item_id")
+    missing = [i for i in item_ids if i not in table.index]
+    if missing:
+        raise ValueError(f"{cfg.data.items}: no row for held-out item(s) {missing[:5]} (expected the table the run was prepared from)")
+    fields = [f for f in cfg.data.text_fields if f in table.columns]
+    return [{"item_id": i, **{f: table.at[i, f] for f in fields if table.at[i, f]}} for i in item_ids]
+
+
+def served_positions(url: str, histories: list[list[str]], targets: list[str], batch: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Each target's 0-based position in its user's served top-K (K when absent), and the top-K lists."""
+    positions, tops = [], []
+    for start in range(0, len(histories), batch):
+        answer = http("POST", f"{url}/recommend", {"histories": histories[start:start + batch], "k": K}, timeout=120)
+        for row, target in zip(answer["results"], targets[start:start + batch]):
+            ids = [r["item_id"] for r in row["items"]]
+            tops.append(ids)
+            positions.append(ids.index(target) if target in ids else K)
+    return np.array(positions), tops
+
+
+def hr_ndcg(positions: np.ndarray) -> tuple[float, float]:
+    hit = positions < K
+    return float(hit.mean()), float(np.where(hit, 1.0 / np.log2(np.minimum(positions, K - 1) + 2), 0.0).mean())
+
+
+def measure(run: Path, work: Path, batch: int) -> list[dict]:
+    from twotower.configs import load_config
+    from twotower.datamodules.datamodule import ShardDataModule
+    from twotower.trainers.evaluate import load_module
+
+    cfg = load_config([run / "config.yaml"])
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    data = ShardDataModule(cfg)
+    module = load_module(str(checkpoint), data)
+    cold = data.catalogue.cold.numpy().astype(bool)
+    if not cold.any():
+        raise ValueError(f"{run}: no held-out items (fit it with split.cold_item_fraction > 0)")
+    offline = offline_ranks(module, data)
+    ids = list(data.catalogue.item_ids)
+    held_out = set(np.flatnonzero(cold).tolist())
+    folder = warm_export(cfg, checkpoint, cold, work)
+    server = start_server(folder, [], work / "serve.log")
+    try:
+        records = item_records(cfg, [ids[i] for i in sorted(held_out)])
+        started = time.perf_counter()
+        for start in range(0, len(records), cfg.serving.max_new_items):
+            http("POST", f"{server.url}/items", {"items": records[start:start + cfg.serving.max_new_items]}, timeout=600)
+        post_s = time.perf_counter() - started
+        rows = []
+        for split in SPLITS:
+            histories, targets = cases(data, split)
+            positions, tops = served_positions(server.url, [[ids[i] for i in h] for h in histories],
+                                               [ids[t] for t in targets], batch)
+            new = {ids[i] for i in held_out}
+            hr, ndcg = hr_ndcg(positions)
+            hr_off, ndcg_off = hr_ndcg(np.minimum(offline[split], K))
+            rows.append({"run": run.name, "mode": cfg.model.mode, "cold_weight": cfg.model.loss.cold_weight, "split": split,
+                         "cases": len(targets), "hr@10": hr, "hr@10_offline": hr_off, "ndcg@10": ndcg, "ndcg@10_offline": ndcg_off,
+                         "agree": float((positions == np.minimum(offline[split], K)).mean()),
+                         "new_share": float(np.mean([sum(i in new for i in top) / K for top in tops])),
+                         "post_items_s": post_s, "new_items": len(records)})
+        return rows
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-live-items-"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [quick_run(out / "quick")] if args.quick else args.runs
+    rows = []
+    for run in runs:
+        rows += measure(run, out / "work" / run.name, args.batch)
+    (out / "live_items.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"bench/live_items.py: {len(runs)} run(s); held-out items POSTed to `twotower serve` on an export without them, "
+          f"then POST /recommend for each split's users (top-{K}, history filtered)")
+    columns = ["run", "mode", "cold_weight", "split", "cases", "hr@10", "hr@10_offline", "ndcg@10", "ndcg@10_offline", "agree", "new_share"]
+    headers = ["run", "mode", "cold_weight", "split", "cases", "HR@10 served", "HR@10 offline", "NDCG@10 served",
+               "NDCG@10 offline", "same rank", "new items' share of top-10"]
+    shown = [{**r, **{c: f"{r[c]:.4f}" for c in columns[5:9]}, "agree": f"{100 * r['agree']:.1f} %",
+              "new_share": f"{100 * r['new_share']:.1f} %"} for r in rows]
+    print(markdown_table(shown, columns, headers))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        first = next(r for r in rows if r["run"] == run)
+        print(f"{run}: POST /items of {first['new_items']} held-out items took {first['post_items_s']:.2f} s "
+              f"({1000 * first['post_items_s'] / max(1, first['new_items']):.1f} ms per item)")
+    print(f"results: {out / 'live_items.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
