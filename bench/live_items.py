@@ -7,8 +7,10 @@ For each run it prints, over HTTP and offline side by side on the same cases:
   * HR@10 and NDCG@10 of the held-out target for the cold_valid and cold users ("served"), and the
     same run's full-ranking numbers (`evaluate`'s, where the held-out items are in the catalogue
     from the start, with the vectors training gave them) on those cases ("offline");
-  * the same for the warm users' validation targets (`valid`), with the held-out items' share of
-    those users' top-10 slots: what recommending new items costs the users who did not want them.
+  * the same for the warm users' validation targets (`valid`), asked once before the held-out items
+    are POSTed and once after, with the per-user difference and its paired standard error, and the
+    held-out items' share of those users' top-10 slots: what recommending new items costs the
+    users who did not want them (in this protocol a warm user's target is never a held-out item).
 The served and offline numbers differ only where `POST /items` embeds an item differently from
 the export (its text through the live tokenizer and encoder instead of the training-time cache) or
 the index is approximate (HNSW, from `serving.hnsw_min_items` items on): the bench prints both.
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.online import http  # noqa: E402
+from bench.paired import standard_error  # noqa: E402
 from bench.serve import start_server  # noqa: E402
 from twotower.tables import markdown_table  # noqa: E402
 
@@ -148,9 +151,13 @@ def served_positions(url: str, histories: list[list[str]], targets: list[str], b
     return np.array(positions), tops
 
 
+def ndcg_of(positions: np.ndarray) -> np.ndarray:
+    """Per case: NDCG@K of one relevant item at 0-based `positions` (K: not in the top K)."""
+    return np.where(positions < K, 1.0 / np.log2(np.minimum(positions, K - 1) + 2), 0.0)
+
+
 def hr_ndcg(positions: np.ndarray) -> tuple[float, float]:
-    hit = positions < K
-    return float(hit.mean()), float(np.where(hit, 1.0 / np.log2(np.minimum(positions, K - 1) + 2), 0.0).mean())
+    return float((positions < K).mean()), float(ndcg_of(positions).mean())
 
 
 def measure(run: Path, work: Path, batch: int) -> list[dict]:
@@ -171,6 +178,8 @@ def measure(run: Path, work: Path, batch: int) -> list[dict]:
     folder = warm_export(cfg, checkpoint, cold, work)
     server = start_server(folder, [], work / "serve.log")
     try:
+        warm_histories, warm_targets = cases(data, "valid")
+        before, _ = served_positions(server.url, [[ids[i] for i in h] for h in warm_histories], [ids[t] for t in warm_targets], batch)
         records = item_records(cfg, [ids[i] for i in sorted(held_out)])
         started = time.perf_counter()
         for start in range(0, len(records), cfg.serving.max_new_items):
@@ -183,12 +192,17 @@ def measure(run: Path, work: Path, batch: int) -> list[dict]:
                                                [ids[t] for t in targets], batch)
             new = {ids[i] for i in held_out}
             hr, ndcg = hr_ndcg(positions)
+            change = {}
+            if split == "valid":  # the same users, the same order: paired per user
+                difference = ndcg_of(positions) - ndcg_of(before)
+                change = {"ndcg@10_before": float(ndcg_of(before).mean()), "ndcg@10_change": float(difference.mean()),
+                          "ndcg@10_change_se": standard_error(difference)}
             hr_off, ndcg_off = hr_ndcg(np.minimum(offline[split], K))
             rows.append({"run": run.name, "mode": cfg.model.mode, "cold_weight": cfg.model.loss.cold_weight, "split": split,
                          "cases": len(targets), "hr@10": hr, "hr@10_offline": hr_off, "ndcg@10": ndcg, "ndcg@10_offline": ndcg_off,
                          "agree": float((positions == np.minimum(offline[split], K)).mean()),
                          "new_share": float(np.mean([sum(i in new for i in top) / K for top in tops])),
-                         "post_items_s": post_s, "new_items": len(records)})
+                         "post_items_s": post_s, "new_items": len(records), **change})
         return rows
     finally:
         server.stop()
@@ -212,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     shown = [{**r, **{c: f"{r[c]:.4f}" for c in columns[5:9]}, "agree": f"{100 * r['agree']:.1f} %",
               "new_share": f"{100 * r['new_share']:.1f} %"} for r in rows]
     print(markdown_table(shown, columns, headers))
+    print("\nWarm users (valid), served NDCG@10 before and after the held-out items were POSTed:")
+    warm = [{"run": r["run"], "before": f"{r['ndcg@10_before']:.4f}", "after": f"{r['ndcg@10']:.4f}",
+             "change": f"{r['ndcg@10_change']:+.4f} ± {r['ndcg@10_change_se']:.4f}",
+             "relative": f"{100 * r['ndcg@10_change'] / r['ndcg@10_before']:+.1f} %" if r["ndcg@10_before"] else "–"}
+            for r in rows if r["split"] == "valid"]
+    print(markdown_table(warm, ["run", "before", "after", "change", "relative"],
+                         ["run", "NDCG@10 before POST /items", "after", "change ± paired SE", "change / before"]))
     for run in dict.fromkeys(r["run"] for r in rows):
         first = next(r for r in rows if r["run"] == run)
         print(f"{run}: POST /items of {first['new_items']} held-out items took {first['post_items_s']:.2f} s "
