@@ -11,6 +11,11 @@ For each run it prints, over HTTP and offline side by side on the same cases:
     are POSTed and once after, with the per-user difference and its paired standard error, and the
     held-out items' share of those users' top-10 slots: what recommending new items costs the
     users who did not want them (in this protocol a warm user's target is never a held-out item).
+Then, offline, the trade a prior would make: every held-out item's score shifted by `--shifts`
+values b (a new-item score bias; b = 0 is what the server ranks by, -inf leaves them out), with warm
+validation and cold_valid NDCG@10 and the warm users' paired change against b = -inf, averaged over
+the runs of one mode and cold_weight (seeds).
+
 The served and offline numbers differ only where `POST /items` embeds an item differently from
 the export (its text through the live tokenizer and encoder instead of the training-time cache) or
 the index is approximate (HNSW, from `serving.hnsw_min_items` items on): the bench prints both.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,10 +43,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.online import http  # noqa: E402
-from bench.paired import standard_error  # noqa: E402
-from bench.serve import start_server  # noqa: E402
-from twotower.tables import markdown_table  # noqa: E402
+from twotower.tables import markdown_table
+
+from bench.freshness import http
+from bench.paired import standard_error
+from bench.serve import start_server
 
 K = 10
 SPLITS = ("valid", "cold_valid", "cold")
@@ -57,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="*", type=Path, help="run folders (config.yaml, checkpoints/best.ckpt)")
     parser.add_argument("--quick", action="store_true", help="fit a tiny id+text run on the built-in generator and measure it")
     parser.add_argument("--batch", type=int, default=128, help="histories per POST /recommend (default: %(default)s)")
+    parser.add_argument("--shifts", default="0,-0.25,-0.5,-1,-inf", help="held-out items' score shifts of the offline trade-off (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="results folder (default: a temporary one): live_items.json, per-run work folders")
     args = parser.parse_args(argv)
     if bool(args.runs) == args.quick:
@@ -68,11 +76,11 @@ def quick_run(work: Path) -> Path:
     """A tiny id+text fit with held-out items, on the built-in generator's tables written as CSV
     (so that the held-out items' text fields can be POSTed as a shop would send them)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from helpers import save_tiny_bert
-
     from twotower.configs import load_config
     from twotower.datamodules.synthetic import generate
     from twotower.trainers.fit import fit
+
+    from helpers import save_tiny_bert
 
     tiny = save_tiny_bert(work / "tiny-bert")
     overrides = [*QUICK, f"model.item.encoder={tiny}"]
@@ -94,6 +102,46 @@ def offline_ranks(module, data) -> dict[str, np.ndarray]:
         table = module.catalogue_table()
         return {split: torch.cat([module.target_ranks(h, t, table) for h, t in data.eval_dataloader(split)]).numpy()
                 for split in SPLITS}
+
+
+def shifted_ndcg(module, data, cold: np.ndarray, shifts: list[float]) -> dict[tuple[str, float], np.ndarray]:
+    """Per-user NDCG@10 of `valid` and `cold_valid` with every held-out item's score shifted by b, for
+    b in `shifts`: a constant coordinate appended to the user vectors, b to the held-out items'."""
+    import torch
+
+    from twotower.modules.metrics import target_ranks
+
+    ev, max_len = module.cfg.eval, module.cfg.data.max_len
+    out = {}
+    with torch.no_grad():
+        table = module.catalogue_table().float()
+        for split in ("valid", "cold_valid"):
+            batches = [(torch.cat([module.model.user_vectors(h.newest(max_len), table), torch.ones(len(t), 1)], 1), t,
+                        h.items if ev.filter_seen else None) for h, t in data.eval_dataloader(split)]
+            for b in shifts:
+                items = torch.cat([table, torch.where(torch.from_numpy(cold), b, 0.0)[:, None]], 1)
+                ranks = torch.cat([target_ranks(u, items, t, x, ev.score_chunk_size) for u, t, x in batches]).numpy()
+                out[split, b] = ndcg_of(np.minimum(ranks, K))
+    return out
+
+
+def trade_off(runs: list[tuple[dict, dict]], shifts: list[float]) -> list[dict]:
+    """Rows of the offline trade-off, averaged over the runs of each (mode, cold_weight): the mean
+    over runs of each run's NDCG@10, and of each run's paired warm change against b = -inf, whose
+    standard error is that of a mean of independent runs (sqrt(sum se^2) / runs)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row, ndcg in runs:
+        groups.setdefault((row["mode"], row["cold_weight"]), []).append(ndcg)
+    rows = []
+    for (mode, weight), members in groups.items():
+        for b in shifts:
+            change = [n["valid", b] - n["valid", float("-inf")] for n in members]
+            rows.append({"mode": mode, "cold_weight": weight, "shift": b, "runs": len(members),
+                         "valid": np.mean([n["valid", b].mean() for n in members]),
+                         "cold_valid": np.mean([n["cold_valid", b].mean() for n in members]),
+                         "change": np.mean([c.mean() for c in change]),
+                         "change_se": math.sqrt(sum(standard_error(c) ** 2 for c in change)) / len(members)})
+    return rows
 
 
 def cases(data, split: str) -> tuple[list[list[int]], np.ndarray]:
@@ -160,7 +208,7 @@ def hr_ndcg(positions: np.ndarray) -> tuple[float, float]:
     return float((positions < K).mean()), float(ndcg_of(positions).mean())
 
 
-def measure(run: Path, work: Path, batch: int) -> list[dict]:
+def measure(run: Path, work: Path, batch: int, shifts: list[float]) -> tuple[list[dict], dict]:
     from twotower.configs import load_config
     from twotower.datamodules.datamodule import ShardDataModule
     from twotower.trainers.evaluate import load_module
@@ -173,6 +221,7 @@ def measure(run: Path, work: Path, batch: int) -> list[dict]:
     if not cold.any():
         raise ValueError(f"{run}: no held-out items (fit it with split.cold_item_fraction > 0)")
     offline = offline_ranks(module, data)
+    shifted = shifted_ndcg(module, data, cold, shifts)
     ids = list(data.catalogue.item_ids)
     held_out = set(np.flatnonzero(cold).tolist())
     folder = warm_export(cfg, checkpoint, cold, work)
@@ -203,7 +252,7 @@ def measure(run: Path, work: Path, batch: int) -> list[dict]:
                          "agree": float((positions == np.minimum(offline[split], K)).mean()),
                          "new_share": float(np.mean([sum(i in new for i in top) / K for top in tops])),
                          "post_items_s": post_s, "new_items": len(records), **change})
-        return rows
+        return rows, shifted
     finally:
         server.stop()
 
@@ -214,10 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-live-items-"))
     out.mkdir(parents=True, exist_ok=True)
     runs = [quick_run(out / "quick")] if args.quick else args.runs
-    rows = []
+    shifts = sorted({float(b) for b in args.shifts.split(",")} | {0.0, float("-inf")}, reverse=True)
+    rows, measured = [], []
     for run in runs:
-        rows += measure(run, out / "work" / run.name, args.batch)
-    (out / "live_items.json").write_text(json.dumps(rows, indent=2) + "\n")
+        served, shifted = measure(run, out / "work" / run.name, args.batch, shifts)
+        rows += served
+        measured.append((served[0], shifted))
+    trade = trade_off(measured, shifts)
+    (out / "live_items.json").write_text(json.dumps({"served": rows, "trade_off": trade}, indent=2, default=str) + "\n")
     print(f"bench/live_items.py: {len(runs)} run(s); held-out items POSTed to `twotower serve` on an export without them, "
           f"then POST /recommend for each split's users (top-{K}, history filtered)")
     columns = ["run", "mode", "cold_weight", "split", "cases", "hr@10", "hr@10_offline", "ndcg@10", "ndcg@10_offline", "agree", "new_share"]
@@ -233,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows if r["split"] == "valid"]
     print(markdown_table(warm, ["run", "before", "after", "change", "relative"],
                          ["run", "NDCG@10 before POST /items", "after", "change ± paired SE", "change / before"]))
+    print("\nOffline trade-off: held-out items' scores shifted by b, mean over the runs of each mode and cold_weight:")
+    shown = [{**r, "valid": f"{r['valid']:.4f}", "cold_valid": f"{r['cold_valid']:.4f}",
+              "change": f"{r['change']:+.4f} ± {r['change_se']:.4f}"} for r in trade]
+    print(markdown_table(shown, ["mode", "cold_weight", "shift", "runs", "valid", "cold_valid", "change"],
+                         ["mode", "cold_weight", "shift b", "runs", "valid NDCG@10", "cold_valid NDCG@10",
+                          "warm change vs b = -inf ± paired SE"]))
     for run in dict.fromkeys(r["run"] for r in rows):
         first = next(r for r in rows if r["run"] == run)
         print(f"{run}: POST /items of {first['new_items']} held-out items took {first['post_items_s']:.2f} s "
