@@ -271,7 +271,9 @@ class ItemTower(nn.Module):
     def encode_new(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Vectors [n, dim] of items that did not exist at training, from their tokenised texts:
         the new-item head's where there is one, else the text vector."""
-        pooled = self._pooled_text(input_ids, attention_mask)
+        return self._new_item_vectors(self._pooled_text(input_ids, attention_mask))
+
+    def _new_item_vectors(self, pooled: torch.Tensor) -> torch.Tensor:
         return self._project(pooled) if self.cold_head is None else self._cold(pooled)
 
     def padded_chunks(self, items: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -316,8 +318,15 @@ class ItemTower(nn.Module):
         if self.encoder is None:
             return self.id_embedding(items)
         pooled = self._pooled(items)
-        if text_only:
-            return self._project(pooled) if self.cold_head is None else self._cold(pooled)
+        return self._new_item_vectors(pooled) if text_only else self._vectors(items, pooled)
+
+    def with_new_item_vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`forward(items)`, `forward(items, text_only=True)`) from one encoder pass: what the
+        new-item head's training reads (text modes)."""
+        pooled = self._pooled(items)
+        return self._vectors(items, pooled), self._new_item_vectors(pooled)
+
+    def _vectors(self, items: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self._project(pooled)
         if self.id_embedding is None:
             return out

@@ -112,10 +112,10 @@ class TwoTowerModule(pl.LightningModule):
         items = inputs.items
         in_batch = torch.cat([items[items >= 0], targets[positions]])
         negatives = self.eligible[torch.randint(len(self.eligible), (loss_cfg.num_negatives,), device=self.device)]
-        distinct, vectors, history = self._batch_item_vectors(items, torch.cat([in_batch, negatives]))
+        distinct, vectors, history, new_vectors = self._batch_item_vectors(items, torch.cat([in_batch, negatives]))
         states = self.model.user_tower(history, items >= 0, inputs.gaps, inputs.actions)
         labels = torch.searchsorted(distinct, targets[positions])
-        cold = self._text_copies(distinct)
+        cold = self._copies(new_vectors)
         if rank_and_world()[1] > 1 and not loss_cfg.local_loss:
             return cross_rank_softmax_loss(states[positions], vectors, labels, distinct, loss_cfg.temperature,
                                            self.item_prob if loss_cfg.logq else None, len(in_batch),
@@ -129,29 +129,40 @@ class TwoTowerModule(pl.LightningModule):
     def _text_copies(self, candidates: torch.Tensor) -> dict:
         """`softmax_loss`'s text-only copies of the candidates (item indices) and their weight,
         with `model.loss.cold_weight` in id+text (the item tower then has a new-item head); else nothing."""
-        if self.model.item_tower.cold_head is None:
-            return {}
-        return {"text_candidates": self.model.item_tower(candidates, text_only=True), "text_weight": self.cfg.model.loss.cold_weight}
+        tower = self.model.item_tower
+        return self._copies(None if tower.cold_head is None else tower(candidates, text_only=True))
 
-    def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(distinct items, their vectors, the history's vectors [B, L, d]); `occurrences` are the
-        history's items (row-major, padding left out), then targets, then negatives.
+    def _copies(self, new_vectors: torch.Tensor | None) -> dict:
+        """`softmax_loss`'s keywords for the candidates' new-item vectors (None: no new-item head)."""
+        return {} if new_vectors is None else {"text_candidates": new_vectors, "text_weight": self.cfg.model.loss.cold_weight}
+
+    def _encode(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(vectors, new-item vectors or None) of `items`: with a new-item head both come from one
+        encoder pass, so trainable encoder layers run once per step, not twice."""
+        tower = self.model.item_tower
+        return tower.with_new_item_vectors(items) if tower.cold_head is not None else (tower(items), None)
+
+    def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(distinct items, their vectors, the history's vectors [B, L, d], the distinct items'
+        new-item vectors or None without a new-item head); `occurrences` are the history's items
+        (row-major, padding left out), then targets, then negatives.
         `model.item.dedup=false` encodes every occurrence (the naive recipe): the history reads its
         own copies and the candidates are each distinct item's first copy. Every copy is the same
         function of the weights, so the loss and the summed gradients equal the dedup path's
         (up to dropout, which draws a different mask per copy)."""
         if self.cfg.model.item.dedup:
             distinct = torch.unique(occurrences)
-            vectors = self.model.item_tower(distinct)
-            return distinct, vectors, vectors[torch.searchsorted(distinct, inputs.clamp_min(0))]
+            vectors, new_vectors = self._encode(distinct)
+            return distinct, vectors, vectors[torch.searchsorted(distinct, inputs.clamp_min(0))], new_vectors
         valid = inputs >= 0
-        encoded = self.model.item_tower(occurrences)
+        encoded, new_vectors = self._encode(occurrences)
         distinct, inverse = torch.unique(occurrences, return_inverse=True)
         order = torch.arange(len(occurrences), device=occurrences.device)
         first = torch.full_like(distinct, len(occurrences)).scatter_reduce_(0, inverse, order, "amin")
         history = encoded.new_zeros(*inputs.shape, encoded.shape[-1])  # padding: zero (the user tower masks it)
         history[valid] = encoded[: int(valid.sum())]
-        return distinct, encoded[first], history
+        return distinct, encoded[first], history, None if new_vectors is None else new_vectors[first]
 
     def on_fit_start(self) -> None:
         self.model.item_tower.build_frozen_cache(self.cfg.eval.item_batch_size)
