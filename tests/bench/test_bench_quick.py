@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[2]
 # benchmark: what its table must show (a column or line only a complete run prints)
 EXPECTED = {
     "length_buckets.py": ["speed-up vs first row", "max abs diff of vectors"],
-    "live_items.py": ["| cold_valid |", "new items' share of top-10", "change ± paired SE", "warm change vs b = -inf", "POST /items of"],
     "memory.py": ["peak vs unchunked", "## frozen-layer cache"],
     "rank_memory.py": ["| after |", "predicted drop"],
     "prepare_scale.py": ["wall ray / pandas", "## memory ceiling"],
