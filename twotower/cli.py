@@ -240,6 +240,16 @@ def _print_metrics(summary: dict, rows: dict[str, str], ks: list[int], note: str
         print(f"{note}{metrics_table({label: m for label, m in present.items() if m}, ks)}")
 
 
+def _leave_process_group() -> None:
+    """Close a multi-process run's process group (Lightning leaves it open) before the interpreter
+    exits, so that no c10d/gloo thread is still running at exit ("terminate called without an
+    active exception", seen aborting a rank of a finished two-node SLURM job)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _run(args: argparse.Namespace, cfg) -> int:
     if args.command == "prepare":
         from twotower.datamodules.prepare import prepare, prepare_append
@@ -249,6 +259,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         from twotower.trainers.fit import fit
 
         summary = fit(cfg)
+        _leave_process_group()  # after a clean finish only: a failed run's group may hang on a lost peer
         splits = ("test", "cold_valid", "cold")
         _print_metrics(summary, {label: prefix for s in splits for label, prefix in
                                  ((f"{cfg.model.mode} ({s})", f"{s}/"), (f"popularity ({s})", f"popularity/{s}/"))}, cfg.eval.ks)
