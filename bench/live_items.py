@@ -48,6 +48,7 @@ from twotower.tables import markdown_table
 from bench.freshness import http
 from bench.paired import standard_error
 from bench.serve import start_server
+from bench.timeline import item_records
 
 K = 10
 SPLITS = ("valid", "cold_valid", "cold")
@@ -95,17 +96,16 @@ def quick_run(work: Path) -> Path:
     return run
 
 
-def offline_ranks(module, data) -> dict[str, np.ndarray]:
-    """0-based rank of each case's target per split, as `evaluate` ranks them (full catalogue)."""
+def offline_ranks(module, data, table) -> dict[str, np.ndarray]:
+    """0-based rank of each case's target per split, as `evaluate` ranks them (full catalogue `table`)."""
     import torch
 
     with torch.no_grad():
-        table = module.catalogue_table()
         return {split: torch.cat([module.target_ranks(h, t, table) for h, t in data.eval_dataloader(split)]).numpy()
                 for split in SPLITS}
 
 
-def shifted_ndcg(module, data, cold: np.ndarray, shifts: list[float]) -> dict[tuple[str, float], np.ndarray]:
+def shifted_ndcg(module, data, table, cold: np.ndarray, shifts: list[float]) -> dict[tuple[str, float], np.ndarray]:
     """Per-user NDCG@10 of `valid` and `cold_valid` with every held-out item's score shifted by b, for
     b in `shifts`: a constant coordinate appended to the user vectors, b to the held-out items'."""
     import torch
@@ -114,8 +114,8 @@ def shifted_ndcg(module, data, cold: np.ndarray, shifts: list[float]) -> dict[tu
 
     ev, max_len = module.cfg.eval, module.cfg.data.max_len
     out = {}
+    table = table.float()
     with torch.no_grad():
-        table = module.catalogue_table().float()
         for split in ("valid", "cold_valid"):
             batches = [(torch.cat([module.model.user_vectors(h.newest(max_len), table), torch.ones(len(t), 1)], 1), t,
                         h.items if ev.filter_seen else None) for h, t in data.eval_dataloader(split)]
@@ -176,7 +176,7 @@ def warm_export(cfg, checkpoint: Path, cold: np.ndarray, work: Path) -> Path:
     return write_exported(work / "export-warm", warm, str(checkpoint))
 
 
-def item_records(cfg, item_ids: list[str]) -> list[dict]:
+def held_out_records(cfg, item_ids: list[str]) -> list[dict]:
     """The held-out items as `POST /items` takes them: id and text fields, from the run's item table."""
     import pandas as pd
 
@@ -184,8 +184,7 @@ def item_records(cfg, item_ids: list[str]) -> list[dict]:
     missing = [i for i in item_ids if i not in table.index]
     if missing:
         raise ValueError(f"{cfg.data.items}: no row for held-out item(s) {missing[:5]} (expected the table the run was prepared from)")
-    fields = [f for f in cfg.data.text_fields if f in table.columns]
-    return [{"item_id": i, **{f: table.at[i, f] for f in fields if table.at[i, f]}} for i in item_ids]
+    return item_records(table.to_dict("index"), item_ids, list(cfg.data.text_fields))
 
 
 def served_positions(url: str, histories: list[list[str]], targets: list[str], batch: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -210,6 +209,8 @@ def hr_ndcg(positions: np.ndarray) -> tuple[float, float]:
 
 
 def measure(run: Path, work: Path, batch: int, shifts: list[float]) -> tuple[list[dict], dict]:
+    import torch
+
     from twotower.configs import load_config
     from twotower.datamodules.datamodule import ShardDataModule
     from twotower.trainers.evaluate import load_module
@@ -221,26 +222,29 @@ def measure(run: Path, work: Path, batch: int, shifts: list[float]) -> tuple[lis
     cold = data.catalogue.cold.numpy().astype(bool)
     if not cold.any():
         raise ValueError(f"{run}: no held-out items (fit it with split.cold_item_fraction > 0)")
-    offline = offline_ranks(module, data)
-    shifted = shifted_ndcg(module, data, cold, shifts)
+    with torch.no_grad():
+        table = module.catalogue_table()
+    offline = offline_ranks(module, data, table)
+    shifted = shifted_ndcg(module, data, table, cold, shifts)
     ids = list(data.catalogue.item_ids)
-    held_out = set(np.flatnonzero(cold).tolist())
+    held_out = np.flatnonzero(cold).tolist()
+    new = {ids[i] for i in held_out}
+    split_cases = {split: cases(data, split) for split in SPLITS}
     folder = warm_export(cfg, checkpoint, cold, work)
     server = start_server(folder, [], work / "serve.log")
     try:
-        warm_histories, warm_targets = cases(data, "valid")
+        warm_histories, warm_targets = split_cases["valid"]
         before, _ = served_positions(server.url, [[ids[i] for i in h] for h in warm_histories], [ids[t] for t in warm_targets], batch)
-        records = item_records(cfg, [ids[i] for i in sorted(held_out)])
+        records = held_out_records(cfg, [ids[i] for i in held_out])
         started = time.perf_counter()
         for start in range(0, len(records), cfg.serving.max_new_items):
             http("POST", f"{server.url}/items", {"items": records[start:start + cfg.serving.max_new_items]}, timeout=600)
         post_s = time.perf_counter() - started
         rows = []
         for split in SPLITS:
-            histories, targets = cases(data, split)
+            histories, targets = split_cases[split]
             positions, tops = served_positions(server.url, [[ids[i] for i in h] for h in histories],
                                                [ids[t] for t in targets], batch)
-            new = {ids[i] for i in held_out}
             hr, ndcg = hr_ndcg(positions)
             change = {}
             if split == "valid":  # the same users, the same order: paired per user
