@@ -113,7 +113,7 @@ class ItemTower(nn.Module):
         vectors: where an item added after training starts when its own row begins to train."""
         was_training = self.training
         self.eval()
-        pooled = self._pooled(items)
+        pooled = self.pooled(items)
         self.train(was_training)
         return self._cold(pooled) - self._project(pooled)
 
@@ -299,8 +299,8 @@ class ItemTower(nn.Module):
             return self._pool(self._top_layers(hidden, mask), mask)
         return self._pooled_text(self._tokens_of(items, width), mask)
 
-    def _pooled(self, items: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder output [n, hidden] of catalogue items."""
+    def pooled(self, items: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output [n, hidden] of catalogue items (text modes)."""
         if self.frozen_cache is not None and self.caches_pooled:
             return self._cached(items)
         chunks = self.padded_chunks(items)
@@ -317,14 +317,14 @@ class ItemTower(nn.Module):
         new item gets (`encode_new`); items marked `untrained` always get that vector."""
         if self.encoder is None:
             return self.id_embedding(items)
-        pooled = self._pooled(items)
+        pooled = self.pooled(items)
         return self._new_item_vectors(pooled) if text_only else self._vectors(items, pooled)
 
-    def with_new_item_vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`forward(items)`, `forward(items, text_only=True)`) from one encoder pass: what the
-        new-item head's training reads (text modes)."""
-        pooled = self._pooled(items)
-        return self._vectors(items, pooled), self._new_item_vectors(pooled)
+    def from_pooled(self, items: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(`forward(items)`, and `forward(items, text_only=True)` where there is a new-item head,
+        else None) from the items' pooled encoder output (`pooled`), so one encoder pass serves
+        both (text modes): what the new-item head's training reads."""
+        return self._vectors(items, pooled), None if self.cold_head is None else self._cold(pooled)
 
     def _vectors(self, items: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self._project(pooled)

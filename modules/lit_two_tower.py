@@ -55,6 +55,11 @@ class TwoTowerModule(pl.LightningModule):
         self.cfg = cfg
         self.model = TwoTower(cfg.model, num_items, num_actions)
         self.full_softmax = uses_full_softmax(cfg, num_items)
+        self.refreshes = self.full_softmax and self.model.item_tower.uses_text and cfg.model.item.train_layers != 0 and cfg.model.loss.refresh_every > 0
+        "The full softmax reads a stale pooled table, its batch's items fresh (`_refreshed_table`)."
+        self._stale: torch.Tensor | None = None
+        self._stale_age = 0
+        "Training steps since the stale table was encoded."
         # Sampler statistics: popularity of each item, and the items negatives may be drawn from.
         # Counts, not probabilities: integer buffers keep their dtype when a strategy casts the module
         # to bf16 (DeepSpeed before 0.19 cast buffers too), and logQ needs them exact (`item_prob`).
@@ -98,12 +103,38 @@ class TwoTowerModule(pl.LightningModule):
         """Candidates: every item training may know; cold items stay out, as they do of sampled
         negatives. With several ranks and an encoder to run, each rank encodes its share of the
         catalogue and the shares are gathered, differentiably (`TwoTower.catalogue_table`)."""
-        table = self.model.catalogue_table()
+        if self.refreshes:
+            table, new_vectors = self._refreshed_table(torch.cat([inputs.items[inputs.items >= 0], targets[positions]]))
+            copies = self._copies(None if new_vectors is None else new_vectors[self.eligible])
+        else:
+            table, copies = self.model.catalogue_table(), self._text_copies(self.eligible)
         states = self.model.user_states(inputs, table)
         labels = torch.searchsorted(self.eligible, targets[positions])
-        loss_cfg = self.cfg.model.loss
-        return softmax_loss(states[positions], table[self.eligible], labels, loss_cfg.temperature,
-                            **self._text_copies(self.eligible))
+        return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature, **copies)
+
+    def _refreshed_table(self, batch_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(every item's vector, every item's new-item vector or None) from the stale pooled
+        table (`model.loss.refresh_every`) with `batch_items` encoded afresh, with grad."""
+        tower = self.model.item_tower
+        self._refresh_stale()
+        fresh = torch.unique(batch_items)
+        pooled = self._stale.index_copy(0, fresh, tower.pooled(fresh).to(self._stale.dtype))
+        self._stale_age += 1
+        return tower.from_pooled(torch.arange(len(pooled), device=pooled.device), pooled)
+
+    def _refresh_stale(self) -> None:
+        """Re-encode the stale table every `model.loss.refresh_every` steps (and when there is none,
+        or the catalogue grew), in eval mode: the vectors inference would compute now."""
+        tower = self.model.item_tower
+        stale = self._stale
+        if stale is not None and len(stale) == len(tower.lengths) and self._stale_age < self.cfg.model.loss.refresh_every:
+            return
+        tower.build_frozen_cache(self.cfg.eval.item_batch_size)
+        was_training = self.training
+        self.model.eval()
+        self._stale = self.model.catalogue_pooled(self.cfg.eval.item_batch_size)
+        self.model.train(was_training)
+        self._stale_age = 0
 
     def _sampled_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each distinct item of the batch (and of the sampled negatives) is encoded once; the
@@ -140,7 +171,7 @@ class TwoTowerModule(pl.LightningModule):
         """(vectors, new-item vectors or None) of `items`: with a new-item head both come from one
         encoder pass, so trainable encoder layers run once per step, not twice."""
         tower = self.model.item_tower
-        return tower.with_new_item_vectors(items) if tower.cold_head is not None else (tower(items), None)
+        return tower.from_pooled(items, tower.pooled(items)) if tower.cold_head is not None else (tower(items), None)
 
     def _batch_item_vectors(self, inputs: torch.Tensor, occurrences: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -55,13 +55,25 @@ class TwoTower(nn.Module):
         (`modules.distributed.gather_equal`): the gradient of every rank's loss goes back to the
         rank that encoded the item, so the gradients summed over ranks are those of every rank
         encoding the whole catalogue itself."""
+        return self._over_catalogue(self.item_tower, chunk_size)
+
+    @torch.no_grad()
+    def catalogue_pooled(self, chunk_size: int) -> torch.Tensor:
+        """[N, hidden] pooled encoder output of every catalogue item (text modes), `chunk_size`
+        items at a time, split across ranks as `catalogue_table` splits them: the stale table that
+        `model.loss.refresh_every` re-encodes."""
+        return self._over_catalogue(self.item_tower.pooled, chunk_size)
+
+    def _over_catalogue(self, encode, chunk_size: int | None) -> torch.Tensor:
+        """`encode` (item indices -> [n, k]) run over this rank's share of the catalogue, the
+        shares gathered (differentiably when grad is enabled) into rows of item order."""
         device = self.user_tower.positions.weight.device
         mine, shares = self.catalogue_share(device)
         if chunk_size:
             chunks = progress(mine.split(chunk_size), "encode catalogue", len(mine), chunk_size)
-            vectors = torch.cat([self.item_tower(chunk) for chunk in chunks])
+            vectors = torch.cat([encode(chunk) for chunk in chunks])
         else:
-            vectors = self.item_tower(mine)
+            vectors = encode(mine)
         if len(shares) == 1:
             parts = [vectors]
         else:

@@ -209,7 +209,7 @@ def test_items_without_a_trained_id_row_get_the_new_item_head(tiny_bert):
 
 
 def test_vectors_and_new_item_vectors_come_from_one_encoder_pass(tiny_bert):
-    """The new-item head's training reads both vectors of each candidate (`with_new_item_vectors`):
+    """The new-item head's training reads both vectors of each candidate (`from_pooled`):
     they equal the two `forward` calls, with the trainable top layer run once, not twice."""
     tower = ItemTower(ItemTowerConfig(encoder=tiny_bert, train_layers=1), "id+text", 4, 8)
     tower.add_new_item_head()
@@ -220,7 +220,7 @@ def test_vectors_and_new_item_vectors_come_from_one_encoder_pass(tiny_bert):
     tower.encoder.encoder.layer[-1].register_forward_hook(lambda *_: calls.append(1))
     items = torch.tensor([3, 1, 0])
     with torch.no_grad():
-        vectors, new = tower.with_new_item_vectors(items)
+        vectors, new = tower.from_pooled(items, tower.pooled(items))
         assert len(calls) == 1
         torch.testing.assert_close(vectors, tower(items), atol=0, rtol=0)
         torch.testing.assert_close(new, tower(items, text_only=True), atol=0, rtol=0)
