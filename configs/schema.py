@@ -481,6 +481,8 @@ class EvalConfig:
     "Items per batch when the catalogue is encoded."
     score_chunk_size: int = 65536
     "Items scored at once in full ranking: memory is data.eval_batch_size x this x 4 bytes, whatever the catalogue size."
+    val_held_out: bool = True
+    "Validation while training (early stopping, the best checkpoint) ranks the held-out items (split.cold_item_fraction) too, as serving ranks items added after training | false: leaves them out, so the choice follows the warm model alone, which a new-item head never moves. The reports (`evaluate`, the summary's valid, test and cold) rank them either way."
 
     def __post_init__(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):

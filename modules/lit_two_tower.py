@@ -66,6 +66,7 @@ class TwoTowerModule(pl.LightningModule):
         self.register_buffer("item_counts", train_counts.long() + 1, persistent=False)
         self.count_total = int(train_counts.sum()) + num_items
         self.register_buffer("eligible", torch.nonzero(~cold).squeeze(1), persistent=False)
+        self.register_buffer("held_out", torch.nonzero(cold).squeeze(1), persistent=False)
         if self.model.item_tower.id_embedding is not None:
             # Held-out items never train, so their rows stay zero; in id+text they are ranked as
             # serving ranks an item added after training (the new-item head's vector, if any).
@@ -297,16 +298,23 @@ class TwoTowerModule(pl.LightningModule):
         return self.model.catalogue_vectors(self.cfg.eval.item_batch_size)
 
     def target_ranks(self, history: Histories, target: torch.Tensor, table: torch.Tensor,
-                     score_table: torch.Tensor | None = None) -> torch.Tensor:
+                     score_table: torch.Tensor | None = None, without: torch.Tensor | None = None) -> torch.Tensor:
         """0-based rank of each user's target over the catalogue `table` by <user, item> (the same
         order as model.scores, temperature > 0), the history filtered when eval.filter_seen.
-        `score_table`: the same vectors as scored (float32 where `table` is bf16; default `table`)."""
+        `score_table`: the same vectors as scored (float32 where `table` is bf16; default `table`);
+        `without`: item indices left out of every user's ranking."""
         users = self.model.user_vectors(history.newest(self.cfg.data.max_len), table)
         ev = self.cfg.eval
         items = table if score_table is None else score_table
-        return target_ranks(users, items, target, history.items if ev.filter_seen else None, ev.score_chunk_size)
+        exclude = history.items if ev.filter_seen else None
+        if without is not None and len(without):
+            left_out = without.expand(len(target), -1)
+            exclude = left_out if exclude is None else torch.cat([exclude, left_out], 1)
+        return target_ranks(users, items, target, exclude, ev.score_chunk_size)
 
-    def _start_ranking(self) -> None:
+    def _start_ranking(self, without: torch.Tensor | None = None) -> None:
+        """`without`: item indices left out of the ranking."""
+        self._without = without
         self._table = self.catalogue_table()  # in the model's dtype: the user tower reads it
         low = self._table.dtype in (torch.bfloat16, torch.float16)
         self._score_table = self._table.float() if low else self._table  # scored in float32, cast once
@@ -317,7 +325,7 @@ class TwoTowerModule(pl.LightningModule):
         """Rows with target -1 pad a rank's share of users so that every rank runs the same number
         of forward passes (ZeRO-3 gathers parameters collectively); they are not scored."""
         history, target = batch
-        ranks = self.target_ranks(history, target, self._table, self._score_table)[target >= 0]
+        ranks = self.target_ranks(history, target, self._table, self._score_table, self._without)[target >= 0]
         for name, values in metrics_per_user(ranks, self.cfg.eval.ks).items():
             self._sums[name] = self._sums.get(name, 0.0) + values.sum()
         self._users += len(ranks)
@@ -335,7 +343,7 @@ class TwoTowerModule(pl.LightningModule):
         del self._table, self._score_table
 
     def on_validation_epoch_start(self) -> None:
-        self._start_ranking()
+        self._start_ranking(None if self.cfg.eval.val_held_out else self.held_out)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._rank_batch(batch)
