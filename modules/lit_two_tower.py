@@ -105,23 +105,29 @@ class TwoTowerModule(pl.LightningModule):
         negatives. With several ranks and an encoder to run, each rank encodes its share of the
         catalogue and the shares are gathered, differentiably (`TwoTower.catalogue_table`)."""
         if self.refreshes:
-            table, new_vectors = self._refreshed_table(torch.cat([inputs.items[inputs.items >= 0], targets[positions]]))
-            copies = self._copies(None if new_vectors is None else new_vectors[self.eligible])
+            history_table, table, copies = self._refreshed_tables(inputs.items)
         else:
-            table, copies = self.model.catalogue_table(), self._text_copies(self.eligible)
-        states = self.model.user_states(inputs, table)
+            table = history_table = self.model.catalogue_table()
+            copies = self._text_copies(self.eligible)
+        states = self.model.user_states(inputs, history_table)
         labels = torch.searchsorted(self.eligible, targets[positions])
         return softmax_loss(states[positions], table[self.eligible], labels, self.cfg.model.loss.temperature, **copies)
 
-    def _refreshed_table(self, batch_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(every item's vector, every item's new-item vector or None) from the stale pooled
-        table (`model.loss.refresh_every`) with `batch_items` encoded afresh, with grad."""
+    def _refreshed_tables(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(the table the user tower reads, the candidates' table, `softmax_loss`'s new-item
+        copies) over the stale pooled table (`model.loss.refresh_every`): the candidates read it as
+        it is, so the encoder's gradient comes through the histories alone, which are encoded
+        afresh (MoCo's keys and queries). Letting the gradient through the batch's own candidates
+        would bias it (the pull of every positive, the push of only those negatives that happen to
+        be in the batch): the loss then rose."""
         tower = self.model.item_tower
         self._refresh_stale()
-        fresh = torch.unique(batch_items)
-        pooled = self._stale.index_copy(0, fresh, tower.pooled(fresh).to(self._stale.dtype))
+        every = torch.arange(len(self._stale), device=self._stale.device)
+        table, new_vectors = tower.from_pooled(every, self._stale)
+        read = torch.unique(history[history >= 0])
+        history_table = table.index_copy(0, read, tower(read))
         self._stale_age += 1
-        return tower.from_pooled(torch.arange(len(pooled), device=pooled.device), pooled)
+        return history_table, table, self._copies(None if new_vectors is None else new_vectors[self.eligible])
 
     def _refresh_stale(self) -> None:
         """Re-encode the stale table every `model.loss.refresh_every` steps (and when there is none,
