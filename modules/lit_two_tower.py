@@ -56,7 +56,7 @@ class TwoTowerModule(pl.LightningModule):
         self.model = TwoTower(cfg.model, num_items, num_actions)
         self.full_softmax = uses_full_softmax(cfg, num_items)
         self.refreshes = self.full_softmax and self.model.item_tower.uses_text and cfg.model.item.train_layers != 0 and cfg.model.loss.refresh_every > 0
-        "The full softmax reads a stale pooled table, its batch's items fresh (`_refreshed_table`)."
+        "The full softmax's candidates read a stale pooled table, the histories fresh (`_refreshed_tables`)."
         self._stale: torch.Tensor | None = None
         self._stale_age = 0
         "Training steps since the stale table was encoded."
@@ -131,16 +131,16 @@ class TwoTowerModule(pl.LightningModule):
 
     def _refresh_stale(self) -> None:
         """Re-encode the stale table every `model.loss.refresh_every` steps (and when there is none,
-        or the catalogue grew), in eval mode: the vectors inference would compute now."""
+        or the catalogue grew), without dropout: the pooled text inference would compute now."""
         tower = self.model.item_tower
         stale = self._stale
         if stale is not None and len(stale) == len(tower.lengths) and self._stale_age < self.cfg.model.loss.refresh_every:
             return
         tower.build_frozen_cache(self.cfg.eval.item_batch_size)
-        was_training = self.training
-        self.model.eval()
+        was_training = tower.encoder.training
+        tower.encoder.eval()
         self._stale = self.model.catalogue_pooled(self.cfg.eval.item_batch_size)
-        self.model.train(was_training)
+        tower.encoder.train(was_training)
         self._stale_age = 0
 
     def _sampled_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
