@@ -55,7 +55,8 @@ class TwoTowerModule(pl.LightningModule):
         self.cfg = cfg
         self.model = TwoTower(cfg.model, num_items, num_actions)
         self.full_softmax = uses_full_softmax(cfg, num_items)
-        self.refreshes = self.full_softmax and self.model.item_tower.uses_text and cfg.model.item.train_layers != 0 and cfg.model.loss.refresh_every > 0
+        trains_encoder = self.model.item_tower.uses_text and cfg.model.item.train_layers != 0
+        self.refreshes = self.full_softmax and trains_encoder and cfg.model.loss.refresh_every > 0
         "The full softmax's candidates read a stale pooled table, the histories fresh (`_refreshed_tables`)."
         self._stale: torch.Tensor | None = None
         self._stale_age = 0
