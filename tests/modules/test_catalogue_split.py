@@ -1,5 +1,5 @@
 """Catalogue encoding split across ranks (`TwoTower.catalogue_table`): 2 gloo ranks, each encoding
-half of the items and gathering the rest, give one process's vectors, the same validation ranks
+half of the items and gathering the rest, give one process's vectors (and pooled text), the same validation ranks
 and metrics, and (with grad, the full-catalogue softmax) the gradients, summed over ranks, that
 every rank encoding the whole catalogue itself gives. The reference is one process without
 torch.distributed. 23 items (odd: one rank's share is padded), length buckets of 4, chunks of 5."""
@@ -55,6 +55,7 @@ def results(m: TwoTowerModule, rank: int, world: int) -> dict:
     """Vectors (no grad, chunks of 5), validation ranks and metrics over them, and gradients of the
     full-catalogue table (one call), summed over ranks as DDP would before averaging."""
     vectors = m.model.catalogue_vectors(5)
+    pooled = m.model.catalogue_pooled(5)  # the stale table of `model.loss.refresh_every`
     history, target = users()
     with torch.no_grad():
         ranks = m.target_ranks(history, target, m.catalogue_table())
@@ -65,7 +66,7 @@ def results(m: TwoTowerModule, rank: int, world: int) -> dict:
     for grad in grads.values():
         if world > 1:
             dist.all_reduce(grad)
-    return {"vectors": vectors, "ranks": ranks, "metrics": {k: float(v.sum()) for k, v in metrics_per_user(ranks, [5, 10]).items()},
+    return {"vectors": vectors, "pooled": pooled, "ranks": ranks, "metrics": {k: float(v.sum()) for k, v in metrics_per_user(ranks, [5, 10]).items()},
             "grads": grads, "table": table.detach()}
 
 
@@ -97,6 +98,7 @@ def test_two_ranks_give_the_vectors_ranks_and_metrics_of_one_process(two_ranks, 
     expected = results(module(tiny_bert), 0, 1)
     for rank, got in enumerate(two_ranks):
         torch.testing.assert_close(got["vectors"], expected["vectors"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
+        torch.testing.assert_close(got["pooled"], expected["pooled"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
         torch.testing.assert_close(got["table"], expected["table"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
         assert torch.equal(got["ranks"], expected["ranks"]), rank
         assert got["metrics"] == pytest.approx(expected["metrics"], abs=1e-12), rank
