@@ -275,7 +275,7 @@ class LossConfig:
     """Softmax cross-entropy of the next item against a candidate set."""
 
     candidates: str = "auto"
-    "full: the whole catalogue every step (in text modes that encodes every item per step, cheap only with a frozen, cached encoder) | sampled: the batch's items + uniform negatives | auto: full when a batch's logits fit full_max_logits and no encoder layer trains (id mode, or model.item.train_layers=0 with the frozen cache), else sampled."
+    "full: the whole catalogue every step (in text modes that encodes every item per step, cheap only with a frozen, cached encoder, or with trainable layers over a stale table: refresh_every) | sampled: the batch's items + uniform negatives | auto: full when a batch's logits fit full_max_logits and no encoder layer trains (id mode, or model.item.train_layers=0 with the frozen cache), else sampled."
     refresh_every: int = 0
     "Full candidates with trainable encoder layers: 0: every step encodes the whole catalogue with grad (exact; the cost of a batch of N items) | K > 0: the candidates read a stale table of every item's pooled text, re-encoded without grad (no dropout) every K training steps, and the encoder trains through the histories alone, encoded afresh each step (MoCo's queries and keys); the projection, ID rows and softmax still cover the whole catalogue with grad. A resumed run re-encodes at its first step."
     full_max_logits: int = 2**28
