@@ -104,7 +104,8 @@ class TwoTowerModule(pl.LightningModule):
     def _full_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Candidates: every item training may know; cold items stay out, as they do of sampled
         negatives. With several ranks and an encoder to run, each rank encodes its share of the
-        catalogue and the shares are gathered, differentiably (`TwoTower.catalogue_table`)."""
+        catalogue and the shares are gathered, differentiably (`TwoTower.catalogue_table`); with
+        `model.loss.refresh_every` the candidates read a stale table instead (`_refreshed_tables`)."""
         if self.refreshes:
             history_table, table, copies = self._refreshed_tables(inputs.items)
         else:
