@@ -39,10 +39,13 @@ def micro_step(global_step: int, batch_idx: int, accumulate: int) -> int:
 
 
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
-    """`auto`: the exact softmax when every item's vector is a cheap lookup (id mode, or a frozen encoder
-    served from its cache) and a batch's [positions x catalogue] logits stay within full_max_logits."""
+    """`auto`: the full softmax when every item's vector is cheap to score (id mode, a frozen encoder
+    served from its cache, or trainable layers whose candidates read the stale table of
+    `model.loss.refresh_every`) and a batch's [positions x catalogue] logits stay within
+    full_max_logits."""
     loss, item = cfg.model.loss, cfg.model.item
-    cheap_items = cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
+    cheap_items = (cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
+                   or (item.train_layers != 0 and loss.refresh_every > 0))
     logits = cfg.data.batch_size * cfg.data.max_len * num_items
     return loss.candidates == "full" or (loss.candidates == "auto" and cheap_items and logits <= loss.full_max_logits)
 
@@ -54,10 +57,7 @@ class TwoTowerModule(pl.LightningModule):
                                    "num_actions": num_actions})
         self.cfg = cfg
         self.model = TwoTower(cfg.model, num_items, num_actions)
-        self.full_softmax = uses_full_softmax(cfg, num_items)
-        trains_encoder = self.model.item_tower.uses_text and cfg.model.item.train_layers != 0
-        self.refreshes = self.full_softmax and trains_encoder and cfg.model.loss.refresh_every > 0
-        "The full softmax's candidates read a stale pooled table, the histories fresh (`_refreshed_tables`)."
+        self.num_items = num_items
         self._stale: torch.Tensor | None = None
         self._stale_age = 0
         "Training steps since the stale table was encoded."
@@ -81,6 +81,17 @@ class TwoTowerModule(pl.LightningModule):
         "This step's loss or gradients were found non-finite before the optimizer step."
         self._engine_steps: int | None = None
         "DeepSpeed's optimizer-step count when last read (`_check_deepspeed_step`)."
+
+    @property
+    def full_softmax(self) -> bool:
+        """Every step's candidates are the whole catalogue (`uses_full_softmax`), else sampled."""
+        return uses_full_softmax(self.cfg, self.num_items)
+
+    @property
+    def refreshes(self) -> bool:
+        """The full softmax's candidates read a stale pooled table, the histories fresh (`_refreshed_tables`)."""
+        trains_encoder = self.model.item_tower.uses_text and self.cfg.model.item.train_layers != 0
+        return self.full_softmax and trains_encoder and self.cfg.model.loss.refresh_every > 0
 
     @property
     def item_prob(self) -> torch.Tensor:
@@ -144,6 +155,22 @@ class TwoTowerModule(pl.LightningModule):
         self._stale = self.model.catalogue_pooled(self.cfg.eval.item_batch_size)
         tower.encoder.train(was_training)
         self._stale_age = 0
+
+    def stale_state(self) -> dict | None:
+        """The stale table and the steps since it was encoded, for a checkpoint: a run resumed in
+        the middle of a refresh window reads the table that the uninterrupted run reads."""
+        return {"table": self._stale, "age": self._stale_age} if self.refreshes else None
+
+    def load_stale_state(self, state: dict | None) -> None:
+        """Restore `stale_state` (None: none saved; the table is encoded at the next step)."""
+        if state is not None and state["table"] is not None:
+            self._stale, self._stale_age = state["table"].to(self.device), state["age"]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stale_table"] = self.stale_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_stale_state(checkpoint.get("stale_table"))
 
     def _sampled_loss(self, inputs: Histories, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each distinct item of the batch (and of the sampled negatives) is encoded once; the

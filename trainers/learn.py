@@ -91,9 +91,13 @@ class Learner:
             self.module.model.user_tower.set_dropout(cfg.learn.dropout)
         if self.world > 1:  # each rank's own candidates: the batches differ in size, and may be empty
             model = self.module.cfg.model
-            self.module.cfg = replace(self.module.cfg, model=replace(model, loss=replace(model.loss, local_loss=True)))
-        if self.world > 1 and self.module.full_softmax and self.module.model.item_tower.encodes_items:
-            raise ValueError("twotower learn under several processes needs model.loss.candidates=sampled with a trainable encoder")
+            loss = replace(model.loss, local_loss=True)
+            tower = self.module.model.item_tower
+            if tower.encoder is not None and not tower.caches_pooled:  # encoder layers run per item
+                # The full softmax would encode the catalogue (or re-encode its stale table) split
+                # across ranks, a collective that a rank with nothing new in a step never joins.
+                loss = replace(loss, candidates="sampled")
+            self.module.cfg = replace(self.module.cfg, model=replace(model, loss=loss))
         self.model_cfg = self.module.cfg
         self.fields = list(cfg.data.text_fields)
         self.item_ids = list(data.catalogue.item_ids)
@@ -144,6 +148,7 @@ class Learner:
         state = torch.load(path, map_location="cpu", weights_only=False)
         self._add_items(state["new_items"])
         self.module.load_state_dict(state["model"])
+        self.module.load_stale_state(state.get("stale"))  # absent from states written before it existed
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.commits, self.offsets = state["step"], state["commits"], state["offsets"]
@@ -345,7 +350,7 @@ class Learner:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "schedule": self.schedule.state_dict(), "step": self.step, "commits": number,
                      "offsets": dict(self.offsets), "new_items": self.new_items, "learnt": dict(self.learnt),
-                     "skipped": self.skips.counts, "checkpoint": self.checkpoint}
+                     "skipped": self.skips.counts, "checkpoint": self.checkpoint, "stale": self.module.stale_state()}
             with atomic_file(self.dir / STATE) as tmp:
                 torch.save(state, tmp)
             write_json(self.dir / "progress.json", self.progress())

@@ -116,3 +116,27 @@ def test_the_stale_table_is_re_encoded_every_k_steps(tiny_bert):
     torch.testing.assert_close(second, first, atol=0, rtol=0)  # one step old: not re-encoded
     torch.testing.assert_close(third, at_third, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fourth, third, atol=0, rtol=0)
+
+
+def test_a_checkpoint_keeps_the_stale_table_so_a_resume_mid_window_reads_what_the_uninterrupted_run_reads(tiny_bert):
+    m = module(tiny_bert, 3)
+    optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
+    loss_and_gradients(m, SOME_INPUTS, SOME_TARGETS)  # encodes the table, then trains on it
+    optimizer.step()
+    optimizer.zero_grad()
+    checkpoint = {"state_dict": {k: v.clone() for k, v in m.state_dict().items()}}
+    m.on_save_checkpoint(checkpoint)
+    uninterrupted = loss_and_gradients(m, SOME_INPUTS, SOME_TARGETS)  # one step into the window
+
+    resumed = module(tiny_bert, 3)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    resumed.on_load_checkpoint(checkpoint)
+    loss, grads = loss_and_gradients(resumed, SOME_INPUTS, SOME_TARGETS)
+    torch.testing.assert_close(loss, uninterrupted[0], atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], uninterrupted[1][name], atol=0, rtol=0, msg=name)
+    assert resumed._stale_age == m._stale_age == 2
+
+    re_encoded = module(tiny_bert, 3)  # without the table: encoded afresh from the trained weights
+    re_encoded.load_state_dict(checkpoint["state_dict"])
+    assert not torch.allclose(loss_and_gradients(re_encoded, SOME_INPUTS, SOME_TARGETS)[0], loss, atol=1e-6, rtol=1e-6)

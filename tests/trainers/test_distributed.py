@@ -6,9 +6,11 @@
 * Data: uneven shards still give every rank the same number of batches; too few shards without
   resampling is a clear error.
 * End to end through the CLI: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (CPU strategy subclass) train
-  the tiny two-tower model from shards; the three agree with each other (same seeds, same maths),
-  ZeRO checkpoints consolidate into a plain state dict, and a resumed run matches an uninterrupted
-  one. Each subprocess has a timeout, so a hang fails instead of blocking the suite.
+  the tiny two-tower model from shards (the default candidates: the full softmax over a stale
+  table, each rank encoding its share of it); the three agree with each other (same seeds, same
+  maths), ZeRO checkpoints consolidate into a plain state dict, and a resumed run matches an
+  uninterrupted one. With sampled candidates gathered across ranks, DDP and ZeRO-3 agree too.
+  Each subprocess has a timeout, so a hang fails instead of blocking the suite.
 """
 from __future__ import annotations
 
@@ -140,6 +142,16 @@ def test_ddp_zero2_zero3_train_end_to_end_and_agree(full_runs):
     assert all(v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point())
     assert all(state["state_dict"][k].shape == v.shape for k, v in ddp_state["state_dict"].items())
     assert (full_runs["zero3"] / "checkpoints" / "best-fp32.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_and_zero3_agree_with_sampled_candidates_gathered_across_ranks(base, tmp_path):
+    """The sampled softmax over both ranks' candidates (what `auto` picks past `full_max_logits`)."""
+    runs = {name: _fit(base, tmp_path / name, *STRATEGIES[name], "trainer.max_epochs=1", "model.loss.candidates=sampled")
+            for name in ("ddp", "zero3")}
+    assert runs["ddp"]["steps"] == runs["zero3"]["steps"] > 0
+    for key in ("test/ndcg@10", "test/hr@20", "best/val/ndcg@10"):
+        assert runs["zero3"][key] == pytest.approx(runs["ddp"][key], abs=2e-3), key
 
 
 @pytest.mark.slow
