@@ -39,13 +39,10 @@ def micro_step(global_step: int, batch_idx: int, accumulate: int) -> int:
 
 
 def uses_full_softmax(cfg: Config, num_items: int) -> bool:
-    """`auto`: the full softmax when every item's vector is cheap to score (id mode, a frozen encoder
-    served from its cache, or trainable layers whose candidates read the stale table of
-    `model.loss.refresh_every`) and a batch's [positions x catalogue] logits stay within
-    full_max_logits."""
+    """`auto`: the exact softmax when every item's vector is a cheap lookup (id mode, or a frozen encoder
+    served from its cache) and a batch's [positions x catalogue] logits stay within full_max_logits."""
     loss, item = cfg.model.loss, cfg.model.item
-    cheap_items = (cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
-                   or (item.train_layers != 0 and loss.refresh_every > 0))
+    cheap_items = cfg.model.mode == "id" or (item.train_layers == 0 and item.cache_frozen)
     logits = cfg.data.batch_size * cfg.data.max_len * num_items
     return loss.candidates == "full" or (loss.candidates == "auto" and cheap_items and logits <= loss.full_max_logits)
 

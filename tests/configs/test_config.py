@@ -97,13 +97,11 @@ def test_every_shipped_yaml_loads_and_opens_with_the_command_that_runs_it(path):
     (["model.mode=id", "data.batch_size=4", "data.max_len=5", "model.loss.full_max_logits=19999"], 1000, False),  # too many logits
     (["model.mode=id+text", "model.item.train_layers=0"], 1000, True),  # frozen, cached encoder: a lookup
     (["model.mode=text", "model.item.train_layers=0", "model.item.cache_frozen=false"], 1000, False),
-    (["model.mode=text", "model.item.train_layers=1"], 1000, True),  # a layer trains: candidates read the stale table
-    (["model.mode=text", "model.item.train_layers=-1"], 1000, True),
-    (["model.mode=text", "model.item.train_layers=1", "model.loss.refresh_every=0"], 1000, False),  # exact: encode per step
-    (["model.mode=text", "data.batch_size=4", "data.max_len=5", "model.loss.full_max_logits=19999"], 1000, False),
+    (["model.mode=text", "model.item.train_layers=1"], 1000, False),  # a layer trains: encode per batch
+    (["model.mode=text", "model.item.train_layers=1", "model.loss.refresh_every=5"], 1000, False),  # stale table: asked for
     (["model.mode=text", "model.loss.candidates=full"], 1000, True),
 ])
-def test_auto_candidates_pick_the_full_softmax_only_where_items_are_cheap_to_score(overrides, num_items, full):
+def test_auto_candidates_pick_the_full_softmax_only_where_items_are_cheap(overrides, num_items, full):
     from twotower.modules.lit_two_tower import uses_full_softmax
 
     assert uses_full_softmax(load_config([], overrides), num_items) is full

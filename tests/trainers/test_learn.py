@@ -258,3 +258,37 @@ def test_history_len_and_replay_len_crop_the_learners_sequences(trained):
         assert list(items) == list(whole[-len(items):])
         assert left_out == len(items) - 1 - min(cases, max_len)
     assert targets == sum(min(new[u], before[u] + new[u] - 1) for u in users)
+
+
+def test_the_stale_table_is_committed_with_the_weights_and_restored_on_resume(trained):
+    """With the full softmax over a stale table (`model.loss.refresh_every`), state.pt keeps the
+    table and its age: a learner restarted from the commit reads the table the running one reads,
+    not one re-encoded from the weights trained since."""
+    from dataclasses import replace
+
+    from twotower.trainers.learn import Learner
+
+    folder, overrides, paths = trained
+    url = str(folder / "stream-stale")
+    fill_stream(url, paths)
+    cfg = load_config([], [*overrides, f"stream.url={url}", f"learn.dir={folder / 'learn-stale'}", "learn.step_events=64"])
+
+    def stale_learner() -> Learner:
+        learner = Learner(cfg, str(folder / "run" / "checkpoints" / "best.ckpt"))
+        model = learner.module.cfg.model
+        loss = replace(model.loss, candidates="full", refresh_every=1000)
+        learner.module.cfg = replace(learner.module.cfg, model=replace(model, loss=loss))
+        assert learner.module.refreshes
+        return learner
+
+    running = stale_learner()
+    assert running.step_once()[0] > 0 and running.step_once()[0] > 0
+    running.commit()
+    table, age = running.module._stale.clone(), running.module._stale_age
+    assert age == 2
+    restarted = stale_learner()
+    assert restarted.step == running.step and restarted.module._stale_age == age
+    torch.testing.assert_close(restarted.module._stale, table, atol=0, rtol=0)
+    with torch.no_grad():
+        re_encoded = restarted.module.model.catalogue_pooled(64)
+    assert not torch.allclose(re_encoded, table, atol=1e-5, rtol=1e-5)  # the weights moved since the table was encoded

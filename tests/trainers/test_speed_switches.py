@@ -96,8 +96,7 @@ def test_dynamic_padding_off_gives_the_same_vectors_with_more_tokens(tiny_bert, 
 def test_length_buckets_give_the_same_loss_and_gradients_with_fewer_tokens(tiny_bert, train_layers):
     results, widths = [], []
     for bucket_items in (3, 0):  # 3: eight items sorted by length, in chunks of 3, 3 and 2
-        m = module(tiny_bert, train_layers, "model.loss.candidates=full", "model.loss.refresh_every=0",  # exact: the catalogue with grad
-                   bucket_items=bucket_items)
+        m = module(tiny_bert, train_layers, "model.loss.candidates=full", bucket_items=bucket_items)
         layer = m.model.item_tower.encoder.encoder.layer[-1]
         layer.register_forward_pre_hook(lambda _, args: widths.append(tuple(args[0].shape[:2])))
         torch.manual_seed(1)
