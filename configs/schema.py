@@ -360,6 +360,8 @@ class TrainerConfig:
     "ddp / deepspeed: a collective (all-reduce, gather) that waits longer than this fails the rank with an error instead of hanging (a node lost silently, frozen or cut off): seconds. A node whose processes die is noticed at once (its connections close)."
     resume: Optional[str] = None
     "Resume training from a checkpoint (file, or ZeRO checkpoint folder) | auto: the run folder's checkpoints/last.ckpt when it exists (what a SLURM requeue relies on) | null: start fresh."
+    init_weights: Optional[str] = None
+    "Start from the weights of a checkpoint (a file, or a ZeRO checkpoint folder) with a fresh optimizer, schedule and epoch count: e.g. a run with the encoder frozen, then its top layers fine-tuned (`model.item.train_layers`, linear probing then fine-tuning). The model's parameters (mode, dim, catalogue) must match; training settings may differ. A run that resumes (trainer.resume) continues its own checkpoint instead. null: the pretrained encoder and freshly initialised towers."
     precision: str = "32-true"
     "Lightning precision: 32-true | bf16-mixed (GPU; on CPU with auto/ddp)."
     patience: int = 0

@@ -92,3 +92,26 @@ def consolidate_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     state["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     state.pop("optimizer_states", None)
     return state
+
+
+def load_initial_weights(module: pl.LightningModule, checkpoint: str, num_items: int) -> None:
+    """`trainer.init_weights`: every parameter of `module` from `checkpoint`'s (a file or a DeepSpeed
+    folder), and nothing else from it (optimizer, schedule, epoch, stale table start fresh). The
+    checkpoint's training settings may differ (which encoder layers train, the loss); its parameters
+    must match the module's, name for name and shape for shape."""
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"trainer.init_weights={checkpoint}: no such checkpoint")
+    state = consolidate_checkpoint(checkpoint)
+    trained_items = state["hyper_parameters"]["num_items"]
+    if trained_items != num_items:
+        raise ValueError(f"trainer.init_weights={checkpoint}: trained on {trained_items} items, this data has {num_items}")
+    weights, expected = state["state_dict"], module.state_dict()
+    problems = [f"{k}: missing" for k in expected if k not in weights]
+    problems += [f"{k}: not in this model" for k in weights if k not in expected]
+    problems += [f"{k}: shape {tuple(weights[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"trainer.init_weights={checkpoint}: its parameters do not fit this model (model.mode, "
+                         f"model.dim and the towers' shapes must match the run that wrote it): {shown}")
+    module.load_state_dict(weights)

@@ -18,7 +18,7 @@ from twotower.datamodules.datamodule import ShardDataModule
 from twotower.datamodules.prepare import prepare
 from twotower.files import exclusive, write_json, write_text
 from twotower.modules.lit_two_tower import TwoTowerModule
-from twotower.trainers.checkpoints import INTERRUPTED, resolve_resume
+from twotower.trainers.checkpoints import INTERRUPTED, load_initial_weights, resolve_resume
 from twotower.trainers.evaluate import popularity_metrics
 from twotower.trainers.run_folder import plot_curves
 from twotower.trainers.run_info import run_info
@@ -65,6 +65,8 @@ def fit(cfg: Config) -> dict[str, float]:
     resume = resolve_resume(t.resume, run_dir)
     if resume is None:
         data.forget_faults()
+        if t.init_weights is not None:
+            load_initial_weights(module, t.init_weights, data.num_items)
     trainer, checkpoint = build_trainer(cfg, run_dir, build_loggers(cfg, run_dir, resuming=resume is not None), t.max_epochs)
     for logger in trainer.loggers:
         logger.log_metrics(parameter_counts(module), step=0)
