@@ -105,13 +105,8 @@ def load_initial_weights(module: pl.LightningModule, checkpoint: str, num_items:
     trained_items = state["hyper_parameters"]["num_items"]
     if trained_items != num_items:
         raise ValueError(f"trainer.init_weights={checkpoint}: trained on {trained_items} items, this data has {num_items}")
-    weights, expected = state["state_dict"], module.state_dict()
-    problems = [f"{k}: missing" for k in expected if k not in weights]
-    problems += [f"{k}: not in this model" for k in weights if k not in expected]
-    problems += [f"{k}: shape {tuple(weights[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as error:  # torch names every missing, unexpected and mis-shaped parameter
         raise ValueError(f"trainer.init_weights={checkpoint}: its parameters do not fit this model (model.mode, "
-                         f"model.dim and the towers' shapes must match the run that wrote it): {shown}")
-    module.load_state_dict(weights)
+                         f"model.dim and the towers' shapes must match the run that wrote it): {error}") from None
