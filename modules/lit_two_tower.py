@@ -18,6 +18,9 @@ from twotower.modules.losses import cross_rank_softmax_loss, expected_draws_log,
 from twotower.modules.metrics import metrics_per_user, target_ranks
 from twotower.modules.two_tower import TwoTower
 
+MONITOR = "val/ndcg@10"
+"What early stopping, the best checkpoint and the plateau schedule follow (`validation_step`'s log)."
+
 # `_log_ranking` logs values it has already summed over ranks itself; Lightning's advice to
 # `sync_dist` would reduce them a second time.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
@@ -319,9 +322,19 @@ class TwoTowerModule(pl.LightningModule):
         else:
             # A plain torch optimizer: DeepSpeed wraps a client optimizer (no C++ ops to build).
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay)
-        warmup = max(1, self.cfg.trainer.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        t = self.cfg.trainer
+        warmup = max(1, t.warmup_steps)
+        if not t.lr_plateau_patience:
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # The same warm-up as LinearLR, which scales the rate it finds rather than setting it from
+        # the base rate every step as LambdaLR does, so it leaves the plateau's cuts standing.
+        warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=t.lr_plateau_factor, threshold=0.0,
+            patience=t.lr_plateau_patience - 1)  # torch cuts on the (patience + 1)-th flat validation
+        return [optimizer], [{"scheduler": warm, "interval": "step"},
+                             {"scheduler": plateau, "interval": "epoch", "monitor": MONITOR, "strict": True}]
 
     # ---- evaluation -----------------------------------------------------------------------
     def catalogue_table(self) -> torch.Tensor:

@@ -14,10 +14,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from twotower.configs import Config
 from twotower.files import atomic_file, write_text
+from twotower.modules.lit_two_tower import MONITOR
 from twotower.trainers.checkpoints import AtomicCheckpointIO, SaveOnSigterm, consolidate_checkpoint, is_deepspeed_checkpoint
 from twotower.trainers.strategies import build_strategy
-
-MONITOR = "val/ndcg@10"
 
 
 def wandb_run_id(run_dir: Path, resuming: bool) -> str:
