@@ -1,6 +1,8 @@
 """`trainer.lr_plateau_patience`: the learning rate is cut by `trainer.lr_plateau_factor` each time
 validation NDCG@10 has not improved for that many validations. Reference: the rule replayed by hand
-on the run's own logged validation curve, against the rate the optimizer logged at every step."""
+on the run's own logged validation curve, against the rate the optimizer logged at every step; a
+run stopped half-way and resumed follows the uninterrupted run's curve (the schedule's count of
+flat validations is in the checkpoint)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -25,22 +27,41 @@ def expected_rates(val: list[float]) -> list[float]:
     return rates
 
 
-def test_the_rate_is_cut_after_flat_validations(tiny_bert, tmp_path):
-    overrides = [o for o in tiny(tiny_bert, tmp_path) if not o.startswith("trainer.max_epochs")]
-    result = twotower("fit", *overrides, "model.mode=id", "trainer.max_epochs=8", f"trainer.lr={LR}",
-                      f"trainer.lr_plateau_patience={PATIENCE}", f"trainer.lr_plateau_factor={FACTOR}",
-                      "trainer.log_every_n_steps=1", cwd=tmp_path)
+def plateau_fit(tiny_bert, folder, *extra: str) -> pd.DataFrame:
+    """A run with the plateau schedule in `folder`/run (data in `folder`/data), and its metrics.csv."""
+    overrides = [o for o in tiny(tiny_bert, folder) if not o.startswith("trainer.max_epochs")]
+    result = twotower("fit", *overrides, "model.mode=id", f"trainer.lr={LR}", f"trainer.lr_plateau_patience={PATIENCE}",
+                      f"trainer.lr_plateau_factor={FACTOR}", "trainer.log_every_n_steps=1", *extra, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    val = metrics["val/ndcg@10"].dropna().tolist()
-    assert len(val) == 8
+    return pd.read_csv(folder / "run" / "metrics.csv")
+
+
+def rates_per_epoch(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The lowest and highest rate logged in each epoch, after the warm-up (trainer.warmup_steps=2 in tiny())."""
     steps = metrics.dropna(subset=["train/lr"])
-    after_warmup = steps[steps["step"] >= 2]  # trainer.warmup_steps=2 in tiny()
-    logged = after_warmup.groupby("epoch")["train/lr"].agg(["min", "max"])
-    expected = expected_rates(val)
+    return steps[steps["step"] >= 2].groupby("epoch")["train/lr"].agg(["min", "max"])
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_bert, tmp_path_factory) -> pd.DataFrame:
+    return plateau_fit(tiny_bert, tmp_path_factory.mktemp("whole"), "trainer.max_epochs=8")
+
+
+def test_the_rate_is_cut_after_flat_validations(whole):
+    val = whole["val/ndcg@10"].dropna().tolist()
+    assert len(val) == 8
+    logged, expected = rates_per_epoch(whole), expected_rates(val)
     assert logged["min"].tolist() == pytest.approx(expected, rel=1e-6)
     assert logged["max"].tolist() == pytest.approx(expected, rel=1e-6)  # one rate through each epoch
     assert expected[-1] < LR  # the curve did go flat here, so a cut was tested
+
+
+def test_a_resumed_run_keeps_the_schedule(tiny_bert, tmp_path, whole):
+    plateau_fit(tiny_bert, tmp_path, "trainer.max_epochs=4")
+    resumed = plateau_fit(tiny_bert, tmp_path, "trainer.max_epochs=8", f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    # test_training_faults.py's tolerance for a resumed run: the threads' float sums may differ in the last bits
+    assert resumed["val/ndcg@10"].dropna().tolist()[-4:] == pytest.approx(whole["val/ndcg@10"].dropna().tolist()[-4:], abs=2e-3)
+    assert rates_per_epoch(resumed).loc[4:].values.ravel().tolist() == pytest.approx(rates_per_epoch(whole).loc[4:].values.ravel().tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [
