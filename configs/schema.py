@@ -337,7 +337,7 @@ class TrainerConfig:
     warmup_steps: int = 10
     "Linear warm-up steps, then constant (or lowered on a plateau: trainer.lr_plateau_patience)."
     lr_plateau_patience: int = 0
-    "Multiply every learning rate by trainer.lr_plateau_factor each time val/ndcg@10 has not improved for this many validations (torch's ReduceLROnPlateau); keep it below trainer.patience so the lower rate gets its turn before early stopping. 0: off."
+    "Multiply every learning rate by trainer.lr_plateau_factor each time val/ndcg@10 has not improved for this many validations (torch's ReduceLROnPlateau), and go on from the best weights so far with fresh optimizer moments; keep it below trainer.patience so the lower rate gets its turn before early stopping. 0: off."
     lr_plateau_factor: float = 0.1
     "What trainer.lr_plateau_patience multiplies the learning rate by, in (0, 1)."
     gradient_clip_val: float = 1.0
@@ -404,7 +404,7 @@ class TrainerConfig:
         if not 0 < self.lr_plateau_factor < 1:
             raise ValueError(f"trainer.lr_plateau_factor={self.lr_plateau_factor}: expected a factor in (0, 1)")
         if self.lr_plateau_patience and self.strategy == "deepspeed":
-            raise ValueError("trainer.lr_plateau_patience needs trainer.strategy auto or ddp (DeepSpeed takes one step-wise schedule)")
+            raise ValueError("trainer.lr_plateau_patience needs trainer.strategy auto or ddp (it restores the best weights from a one-file checkpoint)")
         if self.strategy == "deepspeed" and self.accelerator == "cpu" and self.devices * self.num_nodes == 1:
             raise ValueError("trainer.strategy=deepspeed with trainer.accelerator=cpu and one process (trainer.devices=1, "
                              "trainer.num_nodes=1): ZeRO shards across processes; set trainer.devices=2 or more, or trainer.strategy=auto")

@@ -322,19 +322,15 @@ class TwoTowerModule(pl.LightningModule):
         else:
             # A plain torch optimizer: DeepSpeed wraps a client optimizer (no C++ ops to build).
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.trainer.weight_decay)
-        t = self.cfg.trainer
-        warmup = max(1, t.warmup_steps)
-        if not t.lr_plateau_patience:
+        warmup = max(1, self.cfg.trainer.warmup_steps)
+        if self.cfg.trainer.lr_plateau_patience:
+            # The same warm-up as LinearLR, which scales the rate it finds rather than setting it
+            # from the base rate every step as LambdaLR does, so the plateau's cuts stand
+            # (trainers/plateau.py).
+            schedule = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+        else:
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-        # The same warm-up as LinearLR, which scales the rate it finds rather than setting it from
-        # the base rate every step as LambdaLR does, so it leaves the plateau's cuts standing.
-        warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=t.lr_plateau_factor, threshold=0.0,
-            patience=t.lr_plateau_patience - 1)  # torch cuts on the (patience + 1)-th flat validation
-        return [optimizer], [{"scheduler": warm, "interval": "step"},
-                             {"scheduler": plateau, "interval": "epoch", "monitor": MONITOR, "strict": True}]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- evaluation -----------------------------------------------------------------------
     def catalogue_table(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from twotower.configs import Config
 from twotower.files import atomic_file, write_text
 from twotower.modules.lit_two_tower import MONITOR
 from twotower.trainers.checkpoints import AtomicCheckpointIO, SaveOnSigterm, consolidate_checkpoint, is_deepspeed_checkpoint
+from twotower.trainers.plateau import PlateauSchedule
 from twotower.trainers.strategies import build_strategy
 
 
@@ -85,6 +86,8 @@ def build_trainer(cfg: Config, run_dir: Path, loggers: list, max_epochs: int) ->
     callbacks = [checkpoint, SaveOnSigterm(run_dir / "checkpoints")]
     if t.patience:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=t.patience))
+    if t.lr_plateau_patience:
+        callbacks.append(PlateauSchedule(t.lr_plateau_patience, t.lr_plateau_factor))
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
         precision=t.precision, max_epochs=max_epochs, use_distributed_sampler=False,  # eval shares: ShardDataModule

@@ -1,8 +1,9 @@
 """`trainer.lr_plateau_patience`: the learning rate is cut by `trainer.lr_plateau_factor` each time
-validation NDCG@10 has not improved for that many validations. Reference: the rule replayed by hand
-on the run's own logged validation curve, against the rate the optimizer logged at every step; a
-run stopped half-way and resumed follows the uninterrupted run's curve (the schedule's count of
-flat validations is in the checkpoint)."""
+validation NDCG@10 has not improved for that many validations, and training goes on from the best
+weights so far. References: the rule replayed by hand on the run's own logged validation curve,
+against the rate the optimizer logged at every step; with a cut to a rate too small to move the
+weights, the validation after a cut reproduces the best one before it; a run stopped half-way and
+resumed follows the uninterrupted run's curve (the schedule's state is in the checkpoint)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -27,11 +28,11 @@ def expected_rates(val: list[float]) -> list[float]:
     return rates
 
 
-def plateau_fit(tiny_bert, folder, *extra: str) -> pd.DataFrame:
+def plateau_fit(tiny_bert, folder, *extra: str, factor: float = FACTOR) -> pd.DataFrame:
     """A run with the plateau schedule in `folder`/run (data in `folder`/data), and its metrics.csv."""
     overrides = [o for o in tiny(tiny_bert, folder) if not o.startswith("trainer.max_epochs")]
     result = twotower("fit", *overrides, "model.mode=id", f"trainer.lr={LR}", f"trainer.lr_plateau_patience={PATIENCE}",
-                      f"trainer.lr_plateau_factor={FACTOR}", "trainer.log_every_n_steps=1", *extra, cwd=folder)
+                      f"trainer.lr_plateau_factor={factor}", "trainer.log_every_n_steps=1", *extra, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return pd.read_csv(folder / "run" / "metrics.csv")
 
@@ -54,6 +55,14 @@ def test_the_rate_is_cut_after_flat_validations(whole):
     assert logged["min"].tolist() == pytest.approx(expected, rel=1e-6)
     assert logged["max"].tolist() == pytest.approx(expected, rel=1e-6)  # one rate through each epoch
     assert expected[-1] < LR  # the curve did go flat here, so a cut was tested
+
+
+def test_after_a_cut_training_goes_on_from_the_best_weights(tiny_bert, tmp_path):
+    val = plateau_fit(tiny_bert, tmp_path, "trainer.max_epochs=6", factor=1e-9)["val/ndcg@10"].dropna().tolist()
+    cut = next(epoch for epoch, rate in enumerate(expected_rates(val)) if rate < LR)  # the first epoch after a cut
+    assert max(val[:cut]) > val[cut - 1]  # the weights it ended on were not the best ones
+    for epoch in range(cut, len(val)):  # at 5e-11 the updates vanish: each validation reads the restored weights
+        assert val[epoch] == pytest.approx(max(val[:cut]), abs=1e-6)
 
 
 def test_a_resumed_run_keeps_the_schedule(tiny_bert, tmp_path, whole):
