@@ -134,8 +134,7 @@ class Learner:
 
     def _optimizers(self):
         lr = self.cfg.learn.lr or self.cfg.trainer.lr
-        # The stream has no validation to plateau on: the rate stays constant after warm-up.
-        self.module.cfg = replace(self.module.cfg, trainer=replace(self.module.cfg.trainer, lr=lr, lr_plateau_patience=0))
+        self.module.cfg = replace(self.module.cfg, trainer=replace(self.module.cfg.trainer, lr=lr))
         configured = self.module.configure_optimizers()
         return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
 

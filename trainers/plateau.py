@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from twotower.modules.lit_two_tower import MONITOR
+from twotower.trainers.checkpoints import consolidate_checkpoint
 
 
 class PlateauSchedule(Callback):
@@ -39,8 +40,7 @@ class PlateauSchedule(Callback):
         self.schedule.step(float(trainer.callback_metrics[MONITOR]))
         best = trainer.checkpoint_callback.best_model_path  # a cut comes after a flat validation: written before it
         if optimizer.param_groups[0]["lr"] < before and best:
-            state = torch.load(best, map_location=pl_module.device, weights_only=False)
-            pl_module.load_state_dict(state["state_dict"])
+            pl_module.load_state_dict(consolidate_checkpoint(best)["state_dict"])
             optimizer.state.clear()
 
     def state_dict(self) -> dict:
